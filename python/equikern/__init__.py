@@ -1,0 +1,35 @@
+"""equikern: compiled kernels for equivariant deep learning.
+
+Importing the package loads ``equikern._C``, which registers the ``torch.ops.equikern`` ops.
+"""
+
+import torch  # noqa: F401  (must be imported before _C: it provides libtorch)
+
+from equikern import _C  # noqa: F401
+from equikern import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
+from equikern.e3nn import accelerate, from_e3nn
+from equikern.irreps import Irrep, Irreps
+from equikern.nn import (
+    ChannelwiseTensorProduct,
+    ElementwiseTensorProduct,
+    FullTensorProduct,
+    FullyConnectedTensorProduct,
+    TensorProduct,
+)
+from equikern.so3 import spherical_harmonics, wigner_3j
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelwiseTensorProduct",
+    "ElementwiseTensorProduct",
+    "FullTensorProduct",
+    "FullyConnectedTensorProduct",
+    "Irrep",
+    "Irreps",
+    "TensorProduct",
+    "accelerate",
+    "from_e3nn",
+    "spherical_harmonics",
+    "wigner_3j",
+]

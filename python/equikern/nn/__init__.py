@@ -1,0 +1,21 @@
+"""Drop-in modules."""
+
+from equikern.nn.tensor_product import (
+    ChannelwiseTensorProduct,
+    ElementwiseTensorProduct,
+    FullTensorProduct,
+    FullyConnectedTensorProduct,
+    Instruction,
+    TensorProduct,
+    channelwise_instructions,
+)
+
+__all__ = [
+    "ChannelwiseTensorProduct",
+    "ElementwiseTensorProduct",
+    "FullTensorProduct",
+    "FullyConnectedTensorProduct",
+    "Instruction",
+    "TensorProduct",
+    "channelwise_instructions",
+]
