@@ -25,13 +25,13 @@ def random_irreps(rng: random.Random, n: int, lmax: int = 3, max_mul: int = 4) -
     return "+".join(f"{rng.randint(1, max_mul)}x{rng.randint(0, lmax)}{rng.choice('eo')}" for _ in range(n))
 
 
-def random_problem(rng: random.Random, mode: str, weighted=None):
+def random_problem(rng: random.Random, mode: str, weighted=None, lmax=3, max_mul=4):
     """Random irreps and instructions of one mode; several paths may share an output block."""
-    irreps1 = o3.Irreps(random_irreps(rng, rng.randint(1, 3)))
+    irreps1 = o3.Irreps(random_irreps(rng, rng.randint(1, 3), lmax, max_mul))
     if mode.startswith("uu"):  # same multiplicities on both inputs
-        irreps2 = o3.Irreps([(mul, (rng.randint(0, 3), rng.choice((1, -1)))) for mul, _ in irreps1])
+        irreps2 = o3.Irreps([(mul, (rng.randint(0, lmax), rng.choice((1, -1)))) for mul, _ in irreps1])
     else:
-        irreps2 = o3.Irreps(random_irreps(rng, rng.randint(1, 3)))
+        irreps2 = o3.Irreps(random_irreps(rng, rng.randint(1, 3), lmax, max_mul))
     out, instr = [], []
     for _ in range(rng.randint(1, 5)):
         i1 = rng.randrange(len(irreps1))
@@ -41,9 +41,14 @@ def random_problem(rng: random.Random, mode: str, weighted=None):
         has_weight = (rng.random() < 0.7) if weighted is None else weighted
         if mode == "uvw":
             has_weight = True
-        mul = {"uvw": rng.randint(1, 3), "uvu": m1, "uvv": m2, "uuw": rng.randint(1, 3), "uuu": m1, "uvuv": m1 * m2}[
-            mode
-        ]
+        mul = {
+            "uvw": rng.randint(1, max_mul),
+            "uvu": m1,
+            "uvv": m2,
+            "uuw": rng.randint(1, max_mul),
+            "uuu": m1,
+            "uvuv": m1 * m2,
+        }[mode]
         if mode == "uuw" and not has_weight:
             mul = 1
         reuse = [k for k, (mk, irk) in enumerate(out) if (mk, irk) == (mul, ir)]
@@ -140,8 +145,12 @@ def test_broadcasting_like_e3nn():
     rng = random.Random(3)
     gen = torch.Generator().manual_seed(2)
     irreps1, irreps2, irreps_out, instr = random_problem(rng, "uvu", weighted=True)
-    ref = o3.TensorProduct(irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False).double()
-    ours = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False)
+    ref = o3.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False
+    ).double()
+    ours = equikern.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False
+    )
     x = torch.randn(4, 1, irreps1.dim, dtype=torch.float64, generator=gen, requires_grad=True)
     y = torch.randn(5, irreps2.dim, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(1, 1, ref.weight_numel, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -156,7 +165,7 @@ def test_broadcasting_like_e3nn():
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_and_gradgradcheck(mode):
     rng = random.Random(11)
-    irreps1, irreps2, irreps_out, instr = random_problem(rng, mode)
+    irreps1, irreps2, irreps_out, instr = random_problem(rng, mode, lmax=2, max_mul=2)
     for shared in (False, True):
         tp = equikern.TensorProduct(
             irreps1, irreps2, irreps_out, instr, shared_weights=shared, internal_weights=False
@@ -182,13 +191,17 @@ def plan_args(tp):
 def test_opcheck(mode):
     rng = random.Random(5)
     irreps1, irreps2, irreps_out, instr = random_problem(rng, mode, weighted=True)
-    tp = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False)
+    tp = equikern.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, shared_weights=False, internal_weights=False
+    )
     gen = torch.Generator().manual_seed(4)
     x1 = torch.randn(5, irreps1.dim, dtype=torch.float64, generator=gen, requires_grad=True)
     x2 = torch.randn(5, irreps2.dim, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(1, tp.weight_numel, dtype=torch.float64, generator=gen, requires_grad=True)
     g = torch.randn(5, irreps_out.dim, dtype=torch.float64, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.equikern.tensor_product.default, (x1, x2, w, *plan_args(tp), irreps_out.dim))
+    torch.library.opcheck(
+        torch.ops.equikern.tensor_product.default, (x1, x2, w, *plan_args(tp), irreps_out.dim)
+    )
     torch.library.opcheck(torch.ops.equikern.tensor_product_backward.default, (g, x1, x2, w, *plan_args(tp)))
 
 
@@ -198,14 +211,20 @@ def test_forces_second_derivative_matches_e3nn():
     irreps_sh = o3.Irreps.spherical_harmonics(3)
     irreps_in = o3.Irreps("4x0e+3x1o+2x2e")
     out, instr = equikern.nn.channelwise_instructions(irreps_in, irreps_sh, "0e+1o+2e")
-    ref = o3.TensorProduct(irreps_in, irreps_sh, out, instr, shared_weights=False, internal_weights=False).double()
-    ours = equikern.TensorProduct(irreps_in, irreps_sh, out, instr, shared_weights=False, internal_weights=False)
+    ref = o3.TensorProduct(
+        irreps_in, irreps_sh, out, instr, shared_weights=False, internal_weights=False
+    ).double()
+    ours = equikern.TensorProduct(
+        irreps_in, irreps_sh, out, instr, shared_weights=False, internal_weights=False
+    )
     feats = torch.randn(10, irreps_in.dim, dtype=torch.float64, generator=gen)
     w = torch.randn(10, ref.weight_numel, dtype=torch.float64, generator=gen, requires_grad=True)
     readout = torch.randn(out.dim, dtype=torch.float64, generator=gen)
 
     def loss(tp):
-        pos = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        pos = torch.randn(
+            10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)
+        ).requires_grad_()
         sh = o3.spherical_harmonics(irreps_sh, pos, normalize=True)
         energy = (tp(feats, sh, w) @ readout).pow(2).sum()
         (forces,) = torch.autograd.grad(energy, pos, create_graph=True)
@@ -218,19 +237,27 @@ def test_forces_second_derivative_matches_e3nn():
 
 def test_equivariance_under_rotations_and_parity():
     gen = torch.Generator().manual_seed(7)
-    tp = equikern.FullyConnectedTensorProduct("2x0e+2x1o+1x2e", "0e+1o+1e+2e", "3x0e+2x1o+2x1e+1x2o+1x2e").double()
+    tp = equikern.FullyConnectedTensorProduct(
+        "2x0e+2x1o+1x2e", "0e+1o+1e+2e", "3x0e+2x1o+2x1e+1x2o+1x2e"
+    ).double()
     x = torch.randn(4, tp.irreps_in1.dim, dtype=torch.float64, generator=gen)
     y = torch.randn(4, tp.irreps_in2.dim, dtype=torch.float64, generator=gen)
     for sign in (1, -1):
         rot = sign * o3.rand_matrix(dtype=torch.float64)
-        d1, d2, do = (o3.Irreps(str(i)).D_from_matrix(rot) for i in (tp.irreps_in1, tp.irreps_in2, tp.irreps_out))
+        d1, d2, do = (
+            o3.Irreps(str(i)).D_from_matrix(rot) for i in (tp.irreps_in1, tp.irreps_in2, tp.irreps_out)
+        )
         assert rel_err(tp(x @ d1.T, y @ d2.T), tp(x, y) @ do.T) < 1e-12
 
 
 def test_subclasses_match_e3nn():
     gen = torch.Generator().manual_seed(8)
     cases = [
-        (o3.FullyConnectedTensorProduct, equikern.FullyConnectedTensorProduct, ("2x0e+1x1o", "1x1o+1x2e", "2x1o+1x2e")),
+        (
+            o3.FullyConnectedTensorProduct,
+            equikern.FullyConnectedTensorProduct,
+            ("2x0e+1x1o", "1x1o+1x2e", "2x1o+1x2e"),
+        ),
         (o3.ElementwiseTensorProduct, equikern.ElementwiseTensorProduct, ("3x0e+2x1o", "2x1e+3x2o")),
         (o3.FullTensorProduct, equikern.FullTensorProduct, ("2x0e+1x1o", "1x1o+2x2e")),
     ]
@@ -244,13 +271,22 @@ def test_subclasses_match_e3nn():
         assert rel_err(ours(x, y), ref(x, y)) < 1e-12
     filt = ["0e", "1o"]
     ref = o3.FullTensorProduct("2x1o", "1x1o+1x2e", filter_ir_out=filt)
-    assert str(equikern.FullTensorProduct("2x1o", "1x1o+1x2e", filter_ir_out=filt).irreps_out) == str(ref.irreps_out)
+    assert str(equikern.FullTensorProduct("2x1o", "1x1o+1x2e", filter_ir_out=filt).irreps_out) == str(
+        ref.irreps_out
+    )
 
 
 def test_channelwise_matches_anchor_dims():
     # dims of the anchors' mace-large problem: in1, in2, out, weights
-    tp = equikern.ChannelwiseTensorProduct("128x0e+128x1o+128x2e", "0e+1o+2e+3o", "128x0e+128x1o+128x2e+128x3o")
-    assert (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.irreps_out.dim, tp.weight_numel) == (1152, 16, 9088, 2176)
+    tp = equikern.ChannelwiseTensorProduct(
+        "128x0e+128x1o+128x2e", "0e+1o+2e+3o", "128x0e+128x1o+128x2e+128x3o"
+    )
+    assert (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.irreps_out.dim, tp.weight_numel) == (
+        1152,
+        16,
+        9088,
+        2176,
+    )
 
 
 def test_from_e3nn_and_accelerate():
@@ -279,7 +315,9 @@ def test_from_e3nn_and_accelerate():
     assert rel_err(model(x, y), before) < 1e-12
     assert equikern.accelerate(model) == 0
 
-    ref = o3.FullyConnectedTensorProduct("2x0e", "1o", "2x1o", irrep_normalization="norm", path_normalization="path")
+    ref = o3.FullyConnectedTensorProduct(
+        "2x0e", "1o", "2x1o", irrep_normalization="norm", path_normalization="path"
+    )
     conv = equikern.from_e3nn(ref)
     x2, y2 = torch.randn(3, 2, generator=gen), torch.randn(3, 3, generator=gen)
     assert rel_err(conv(x2, y2), ref(x2, y2)) < 1e-6
@@ -378,12 +416,14 @@ def test_bad_forward_inputs():
     with pytest.raises(ValueError, match="weight: required"):
         tp(x, y)
     with pytest.raises(ValueError, match="dtypes differ"):
-        tp(x, y.double(), w)
+        tp(x, y.float(), w)
     with pytest.raises(ValueError, match="do not broadcast"):
         tp(x, torch.randn(3, 4), w)
     with pytest.raises(ValueError, match="do not broadcast"):
         tp(x, y, torch.randn(5, tp.weight_numel))
-    shared = equikern.FullyConnectedTensorProduct("1x0e", "1x0e", "1x0e", shared_weights=True, internal_weights=False)
+    shared = equikern.FullyConnectedTensorProduct(
+        "1x0e", "1x0e", "1x0e", shared_weights=True, internal_weights=False
+    )
     with pytest.raises(ValueError, match="shared weights"):
         shared(torch.randn(2, 1), torch.randn(2, 1), torch.randn(2, 1))
 
@@ -409,6 +449,6 @@ def test_op_rejects_inconsistent_plans():
     with pytest.raises(RuntimeError, match="batch sizes differ"):
         tensor_product(x1, x2[:2], w, paths, blocks, ijk, val, out_dim)
     with pytest.raises(RuntimeError, match="dtype"):
-        tensor_product(x1, x2.double(), w, paths, blocks, ijk, val, out_dim)
+        tensor_product(x1, x2.float(), w, paths, blocks, ijk, val, out_dim)
     with pytest.raises(RuntimeError, match="grad_out"):
         tensor_product_backward(torch.randn(2, out_dim), x1, x2, w, paths, blocks, ijk, val)

@@ -6,11 +6,11 @@
 //
 // The plan tensors (paths, blocks, cg_ijk, cg_val) come from equikern.nn.tensor_product; they are
 // validated here in full, so no input can make the kernels index out of bounds.
+#include "kernels/tensor_product.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include "kernels/tensor_product.h"
 
 namespace equikern {
 namespace {
@@ -27,8 +27,8 @@ void check_plan_tensor(const at::Tensor& t, const char* name, int64_t cols, at::
   TORCH_CHECK(t.device().is_cpu(), "tensor_product: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dt, "tensor_product: ", name, " must have dtype ", dt, ", got ",
               t.scalar_type());
-  TORCH_CHECK(cols < 0 ? t.dim() == 1 : (t.dim() == 2 && t.size(1) == cols), "tensor_product: ",
-              name, " has shape ", t.sizes(), ", expected [n, ", cols, "]");
+  TORCH_CHECK(cols < 0 ? t.dim() == 1 : (t.dim() == 2 && t.size(1) == cols),
+              "tensor_product: ", name, " has shape ", t.sizes(), ", expected [n, ", cols, "]");
 }
 
 template <class T>
@@ -137,8 +137,8 @@ int64_t check_operands(const at::Tensor& x1, const at::Tensor& x2, const at::Ten
     TORCH_CHECK(ts[i]->scalar_type() == x1.scalar_type(), "tensor_product: ", names[i],
                 " has dtype ", ts[i]->scalar_type(), " but x1 has ", x1.scalar_type());
     if (ts[i]->size(0) != 1) {
-      TORCH_CHECK(z == 1 || z == ts[i]->size(0), "tensor_product: batch sizes differ (",
-                  x1.size(0), ", ", x2.size(0), ", ", w.size(0), ")");
+      TORCH_CHECK(z == 1 || z == ts[i]->size(0), "tensor_product: batch sizes differ (", x1.size(0),
+                  ", ", x2.size(0), ", ", w.size(0), ")");
       z = ts[i]->size(0);
     }
   }
@@ -160,13 +160,12 @@ at::Tensor tp_forward_cpu(const at::Tensor& x1_, const at::Tensor& x2_, const at
   const int64_t z = check_operands(x1_, x2_, w_, nullptr);
   TORCH_CHECK(out_dim >= 0, "tensor_product: out_dim must be >= 0");
   auto x1 = x1_.contiguous(), x2 = x2_.contiguous(), w = w_.contiguous();
-  auto out = at::zeros({z, out_dim}, x1.options());
+  auto out = at::empty({z, out_dim}, x1.options());  // every row is written in full
   if (z == 0 || out_dim == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_fwd", [&] {
     using T = scalar_t;
-    const Plan<T> plan =
-        make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1), out_dim, w.size(1),
-                     weighted_only);
+    const Plan<T> plan = make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
+                                      out_dim, w.size(1), weighted_only);
     const T* p1 = x1.data_ptr<T>();
     const T* p2 = x2.data_ptr<T>();
     const T* pw = w.data_ptr<T>();
@@ -194,9 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
   const int64_t out_dim = gout.size(1);
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_bwd", [&] {
     using T = scalar_t;
-    const Plan<T> plan =
-        make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1), out_dim, w.size(1),
-                     weighted_only);
+    const Plan<T> plan = make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
+                                      out_dim, w.size(1), weighted_only);
     const bool b1 = x1.size(0) == 1 && z > 1, b2 = x2.size(0) == 1 && z > 1,
                bw = w.size(0) == 1 && z > 1;
     const int64_t d1 = x1.size(1), d2 = x2.size(1), dw = w.size(1);

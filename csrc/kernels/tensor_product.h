@@ -151,7 +151,8 @@ void forward_path(const Plan<T>& plan, const Path& p, const T* w, Scratch<T>& s)
       for (int64_t v = 0; v < m2; ++v) {
         contract_second(plan, p, X2 + v, m2, t);
         for (int64_t i = 0; i < d1; ++i)
-          for (int64_t u = 0; u < m1; ++u) y[i * m1 + u] = (W ? W[u * m2 + v] : T(1)) * X1[i * m1 + u];
+          for (int64_t u = 0; u < m1; ++u)
+            y[i * m1 + u] = (W ? W[u * m2 + v] : T(1)) * X1[i * m1 + u];
         if (p.mode == kUVU) {
           apply_table(d1, d3, m1, t, y, O, mo);
         } else {  // uvuv: output channel u*m2+v
@@ -167,7 +168,8 @@ void forward_path(const Plan<T>& plan, const Path& p, const T* w, Scratch<T>& s)
       for (int64_t u = 0; u < m1; ++u) {
         contract_first(plan, p, X1 + u, m1, t);
         for (int64_t j = 0; j < d2; ++j)
-          for (int64_t v = 0; v < m2; ++v) y[j * m2 + v] = (W ? W[u * m2 + v] : T(1)) * X2[j * m2 + v];
+          for (int64_t v = 0; v < m2; ++v)
+            y[j * m2 + v] = (W ? W[u * m2 + v] : T(1)) * X2[j * m2 + v];
         apply_table(d2, d3, m2, t, y, O, mo);
       }
       break;
@@ -370,7 +372,8 @@ void backward_path(const Plan<T>& plan, const Path& p, const T* w, T* gw, Scratc
         contract_second(plan, p, X2 + v, m2, t);
         // Q(k,u) = sum_w W[u,v,w] G(k,w)
         for (int64_t k = 0; k < d3; ++k)
-          for (int64_t u = 0; u < m1; ++u) Q[k * m1 + u] = dot(mo, W + (u * m2 + v) * mo, G + k * mo);
+          for (int64_t u = 0; u < m1; ++u)
+            Q[k * m1 + u] = dot(mo, W + (u * m2 + v) * mo, G + k * mo);
         // d x1(i,u) += sum_k t[i,k] Q(k,u);  weight: S(k,u) = sum_i t[i,k] x1(i,u)
         T* S = H;
         std::fill(S, S + d3 * m1, T(0));

@@ -25,7 +25,8 @@ def from_e3nn(module: torch.nn.Module) -> TensorProduct:
         raise ValueError(f"module: expected an e3nn.o3.TensorProduct, got {type(module).__name__}")
     # e3nn stores path_weight = sqrt(alpha); with normalisations "none" ours is sqrt(path_weight).
     instructions = [
-        (i.i_in1, i.i_in2, i.i_out, i.connection_mode, i.has_weight, i.path_weight**2) for i in module.instructions
+        (i.i_in1, i.i_in2, i.i_out, i.connection_mode, i.has_weight, i.path_weight**2)
+        for i in module.instructions
     ]
     new = TensorProduct(
         str(module.irreps_in1),

@@ -44,10 +44,9 @@ def _repeat_count(n) -> int | None:
         return None
 
 
-def _parse_int(s: str, what: str, context: str) -> int:
-    s = s.strip()
-    if not _INT.fullmatch(s):
-        raise _Bad(f"cannot parse {what} {s!r} in {context!r}")
+def _parse_mul(s: str, term: str) -> int:
+    if not _INT.fullmatch(s.strip()):
+        raise _Bad(f"cannot parse multiplicity {s.strip()!r} in {term.strip()!r}")
     return int(s)
 
 
@@ -73,13 +72,15 @@ def _irrep_args(l, p=None) -> tuple[int, int]:
 def _parse_irrep_str(s: str) -> tuple[int, int]:
     name = s.strip()
     if not name:
-        raise _Bad(f"empty irrep in {s!r}")
-    letter = name[-1]
-    if letter.isdigit():
-        raise _Bad(f"missing parity letter (e, o or y) in {name!r}")
-    l = _parse_int(name[:-1], "l", name)
+        raise _Bad("empty irrep")
+    if _INT.fullmatch(name):
+        raise _Bad(f"missing parity letter (e, o or y) after l in {name!r}")
+    l_str, letter = name[:-1].strip(), name[-1]
+    if not _INT.fullmatch(l_str):
+        raise _Bad(f"cannot parse {name!r} as an irrep (l then e, o or y)")
+    l = int(l_str)
     if l < 0:
-        raise _Bad(f"negative l = {l} in {name!r}")
+        raise _Bad(f"negative l in {name!r}")
     if letter not in "eoy":
         raise _Bad(f"unknown parity letter {letter!r} in {name!r} (use e, o or y)")
     return l, {"e": 1, "o": -1, "y": (-1) ** l}[letter]
@@ -98,7 +99,8 @@ class Irrep(tuple):
         try:
             return super().__new__(cls, _irrep_args(l, p))
         except _Bad as e:
-            raise ValueError(f"{e}: {_IRREP_HINT}") from None
+            what = repr(l) if p is None else repr((l, p))
+            raise ValueError(f"invalid irrep {what}: {e}: {_IRREP_HINT}") from None
 
     @property
     def l(self) -> int:  # noqa: E743
@@ -164,11 +166,16 @@ class MulIr(NamedTuple):
 IrrepsSort = collections.namedtuple("IrrepsSort", ["irreps", "p", "inv"])
 
 
+def _irrep(x) -> Irrep:
+    """Irrep(x), raising _Bad so that Irreps can report the error in its own terms."""
+    return x if isinstance(x, Irrep) else tuple.__new__(Irrep, _irrep_args(x))
+
+
 def _mul_ir(mul, ir) -> MulIr:
     mul = _as_int(mul, "multiplicity")
     if mul < 0:
         raise _Bad(f"negative multiplicity {mul} for {ir!r}")
-    return MulIr(mul, Irrep(*_irrep_args(ir)))
+    return MulIr(mul, _irrep(ir))
 
 
 def _parse_irreps_str(s: str) -> list[MulIr]:
@@ -180,9 +187,9 @@ def _parse_irreps_str(s: str) -> list[MulIr]:
             raise _Bad(f"empty term in {s!r}")
         if "x" in term:
             mul, _, ir = term.partition("x")
-            out.append(_mul_ir(_parse_int(mul, "multiplicity", term.strip()), _parse_irrep_str(ir)))
+            out.append(_mul_ir(_parse_mul(mul, term), ir.strip()))
         else:
-            out.append(MulIr(1, Irrep(*_parse_irrep_str(term))))
+            out.append(MulIr(1, _irrep(term)))
     return out
 
 
@@ -198,7 +205,7 @@ def _parse_irreps(x) -> list[MulIr]:
     try:
         items = list(x)
     except TypeError:
-        raise _Bad(f"cannot interpret {x!r} (a {type(x).__name__}) as irreps") from None
+        raise _Bad(f"cannot interpret {x!r} of type {type(x).__name__} as irreps") from None
     out = []
     for item in items:
         if isinstance(item, str):
@@ -225,7 +232,7 @@ class Irreps(tuple):
         try:
             return super().__new__(cls, _parse_irreps(irreps))
         except _Bad as e:
-            raise ValueError(f"{e}: {_IRREPS_HINT}") from None
+            raise ValueError(f"invalid irreps {irreps!r}: {e}: {_IRREPS_HINT}") from None
 
     @staticmethod
     def spherical_harmonics(lmax: int, p: int = -1) -> "Irreps":
@@ -247,9 +254,10 @@ class Irreps(tuple):
 
     @property
     def lmax(self) -> int:
-        if not self:
-            raise ValueError("lmax of empty Irreps")
-        return max(ir.l for _, ir in self)
+        """Largest l among the irreps with mul > 0 (as e3nn, 0x entries do not count)."""
+        if self.num_irreps == 0:
+            raise ValueError(f"lmax of Irreps {self!r} that hold no irreps")
+        return max(self.ls)
 
     def slices(self) -> list[slice]:
         """The slice of each MulIr in a feature vector."""

@@ -88,7 +88,7 @@ def _wigner_3j_np(l1: int, l2: int, l3: int) -> np.ndarray:
     q1, q2, q3 = _complex_from_real(l1), _complex_from_real(l2), _complex_from_real(l3).conj()
     c = np.einsum("ia,kb,nc,ikn->abc", q1, q2, q3, cg, optimize=True)
     assert np.abs(c.imag).max() < 1e-10
-    c = c.real
+    c = np.ascontiguousarray(c.real)
     # Entries that vanish exactly come out as rounding residue of the complex->real sums; zero them so that
     # the sparsity pattern is exact. Cancellations are between equal-magnitude terms, hence the relative test.
     bound = np.einsum("ia,kb,nc,ikn->abc", abs(q1), abs(q2), abs(q3), abs(cg), optimize=True)

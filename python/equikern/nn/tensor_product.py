@@ -87,7 +87,10 @@ def _check_instruction(ins, irreps_in1: Irreps, irreps_in2: Irreps, irreps_out: 
     need = {
         "uvu": (mul1 == mulo, "mul(in1) == mul(out)"),
         "uvv": (mul2 == mulo, "mul(in2) == mul(out)"),
-        "uuw": (mul1 == mul2 and (bool(has_weight) or mulo == 1), "mul(in1) == mul(in2) (and mul(out) == 1 unweighted)"),
+        "uuw": (
+            mul1 == mul2 and (bool(has_weight) or mulo == 1),
+            "mul(in1) == mul(in2) (and mul(out) == 1 unweighted)",
+        ),
         "uuu": (mul1 == mul2 == mulo, "mul(in1) == mul(in2) == mul(out)"),
         "uvuv": (mul1 * mul2 == mulo, "mul(in1) * mul(in2) == mul(out)"),
         "uvw": (bool(has_weight), "has_weight=True"),
@@ -122,22 +125,33 @@ class TensorProduct(torch.nn.Module):
         **e3nn_options,
     ) -> None:
         super().__init__()
-        unknown = set(e3nn_options) - {"compile_left_right", "compile_right", "_specialized_code", "_optimize_einsums"}
+        unknown = set(e3nn_options) - {
+            "compile_left_right",
+            "compile_right",
+            "_specialized_code",
+            "_optimize_einsums",
+        }
         if unknown:
             raise TypeError(f"TensorProduct: unexpected keyword arguments {sorted(unknown)}")
         irrep_normalization = "component" if irrep_normalization is None else irrep_normalization
         path_normalization = "element" if path_normalization is None else path_normalization
         if irrep_normalization not in IRREP_NORMALIZATIONS:
-            raise ValueError(f"irrep_normalization: expected one of {IRREP_NORMALIZATIONS}, got {irrep_normalization!r}")
+            raise ValueError(
+                f"irrep_normalization: expected one of {IRREP_NORMALIZATIONS}, got {irrep_normalization!r}"
+            )
         if path_normalization not in PATH_NORMALIZATIONS:
-            raise ValueError(f"path_normalization: expected one of {PATH_NORMALIZATIONS}, got {path_normalization!r}")
+            raise ValueError(
+                f"path_normalization: expected one of {PATH_NORMALIZATIONS}, got {path_normalization!r}"
+            )
         self.irreps_in1 = as_irreps(irreps_in1)
         self.irreps_in2 = as_irreps(irreps_in2)
         self.irreps_out = as_irreps(irreps_out)
         self.irrep_normalization = irrep_normalization
         self.path_normalization = path_normalization
 
-        raw = [_check_instruction(ins, self.irreps_in1, self.irreps_in2, self.irreps_out) for ins in instructions]
+        raw = [
+            _check_instruction(ins, self.irreps_in1, self.irreps_in2, self.irreps_out) for ins in instructions
+        ]
         v1 = _variances(in1_var, self.irreps_in1, "in1_var")
         v2 = _variances(in2_var, self.irreps_in2, "in2_var")
         vo = _variances(out_var, self.irreps_out, "out_var")
@@ -167,12 +181,18 @@ class TensorProduct(torch.nn.Module):
         """e3nn's path normalisation: path_weight = sqrt(alpha), folded into the coefficients."""
         out = []
         for i1, i2, io, mode, has_weight, pw in raw:
-            (mul1, ir1), (mul2, ir2), (mulo, iro) = self.irreps_in1[i1], self.irreps_in2[i2], self.irreps_out[io]
+            (mul1, ir1), (mul2, ir2), (mulo, iro) = (
+                self.irreps_in1[i1],
+                self.irreps_in2[i2],
+                self.irreps_out[io],
+            )
             alpha = {"component": iro.dim, "norm": ir1.dim * ir2.dim, "none": 1}[self.irrep_normalization]
             same_out = [r for r in raw if r[2] == io]
             if self.path_normalization == "element":
                 x = sum(
-                    v1[r[0]] * v2[r[1]] * _num_elements(r[3], self.irreps_in1[r[0]].mul, self.irreps_in2[r[1]].mul)
+                    v1[r[0]]
+                    * v2[r[1]]
+                    * _num_elements(r[3], self.irreps_in1[r[0]].mul, self.irreps_in2[r[1]].mul)
                     for r in same_out
                 )
             elif self.path_normalization == "path":
@@ -182,7 +202,11 @@ class TensorProduct(torch.nn.Module):
             if x > 0.0:
                 alpha /= x
             alpha *= vo[io] * pw
-            out.append(Instruction(i1, i2, io, mode, has_weight, math.sqrt(alpha), _path_shape(mode, mul1, mul2, mulo)))
+            out.append(
+                Instruction(
+                    i1, i2, io, mode, has_weight, math.sqrt(alpha), _path_shape(mode, mul1, mul2, mulo)
+                )
+            )
         return out
 
     def _output_mask(self) -> Tensor:
@@ -208,7 +232,9 @@ class TensorProduct(torch.nn.Module):
         s1, s2, so = self.irreps_in1.slices(), self.irreps_in2.slices(), self.irreps_out.slices()
         blocks = [
             (operand, sl.start, mul, ir.dim)
-            for operand, (irreps, slices) in enumerate(((self.irreps_in1, s1), (self.irreps_in2, s2), (self.irreps_out, so)))
+            for operand, (irreps, slices) in enumerate(
+                ((self.irreps_in1, s1), (self.irreps_in2, s2), (self.irreps_out, so))
+            )
             for sl, (mul, ir) in zip(slices, irreps)
             if mul * ir.dim > 0
         ]
@@ -231,13 +257,25 @@ class TensorProduct(torch.nn.Module):
             ijk.append(cg_ijk)
             val.append(cg_val * ins.path_weight)
             paths.append(
-                (MODES[ins.connection_mode], s1[ins.i_in1].start, mul1, ir1.dim, s2[ins.i_in2].start, mul2, ir2.dim)
+                (
+                    MODES[ins.connection_mode],
+                    s1[ins.i_in1].start,
+                    mul1,
+                    ir1.dim,
+                    s2[ins.i_in2].start,
+                    mul2,
+                    ir2.dim,
+                )
                 + (so[ins.i_out].start, mulo, iro.dim, offset, begin, begin + len(cg_val))
             )
         ijk_np = np.concatenate(ijk).astype(np.int32) if ijk else np.zeros((0, 3), np.int32)
         val_np = np.concatenate(val).astype(np.float64) if val else np.zeros(0)
-        self.register_buffer("_paths", torch.tensor(paths, dtype=torch.int64).reshape(-1, 13), persistent=False)
-        self.register_buffer("_blocks", torch.tensor(blocks, dtype=torch.int64).reshape(-1, 4), persistent=False)
+        self.register_buffer(
+            "_paths", torch.tensor(paths, dtype=torch.int64).reshape(-1, 13), persistent=False
+        )
+        self.register_buffer(
+            "_blocks", torch.tensor(blocks, dtype=torch.int64).reshape(-1, 4), persistent=False
+        )
         self.register_buffer("_cg_ijk", torch.from_numpy(ijk_np).reshape(-1, 3), persistent=False)
         # float64 coefficients kept as their int64 bit patterns, so that module.float()/.half()
         # (which cast floating buffers) never round them.
@@ -274,7 +312,9 @@ class TensorProduct(torch.nn.Module):
             raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
         if self.shared_weights:
             if tuple(weight.shape) != (self.weight_numel,):
-                raise ValueError(f"weight: expected shape ({self.weight_numel},) (shared weights), got {tuple(weight.shape)}")
+                raise ValueError(
+                    f"weight: expected shape ({self.weight_numel},) (shared weights), got {tuple(weight.shape)}"
+                )
         elif weight.dim() < 2 or weight.shape[-1] != self.weight_numel:
             raise ValueError(
                 f"weight: expected shape (..., {self.weight_numel}) with a batch dimension, got {tuple(weight.shape)}"
@@ -312,7 +352,9 @@ class TensorProduct(torch.nn.Module):
         try:
             batch = torch.broadcast_shapes(*shapes)
         except RuntimeError as e:
-            raise ValueError(f"x, y, weight: batch shapes {[tuple(s) for s in shapes]} do not broadcast") from e
+            raise ValueError(
+                f"x, y, weight: batch shapes {[tuple(s) for s in shapes]} do not broadcast"
+            ) from e
         x1 = _rows(x, batch)
         x2 = _rows(y, batch)
         if self.weight_numel == 0:
@@ -352,8 +394,14 @@ def _rows(t: Tensor, batch: torch.Size) -> Tensor:
 class FullyConnectedTensorProduct(TensorProduct):
     """Every (in1, in2, out) triple allowed by the selection rules, mode uvw, weighted (as e3nn)."""
 
-    def __init__(self, irreps_in1, irreps_in2, irreps_out, irrep_normalization=None, path_normalization=None, **kwargs):
-        irreps_in1, irreps_in2, irreps_out = as_irreps(irreps_in1), as_irreps(irreps_in2), as_irreps(irreps_out)
+    def __init__(
+        self, irreps_in1, irreps_in2, irreps_out, irrep_normalization=None, path_normalization=None, **kwargs
+    ):
+        irreps_in1, irreps_in2, irreps_out = (
+            as_irreps(irreps_in1),
+            as_irreps(irreps_in2),
+            as_irreps(irreps_out),
+        )
         instr = [
             (i1, i2, io, "uvw", True, 1.0)
             for i1, (_, ir1) in enumerate(irreps_in1)
@@ -408,7 +456,9 @@ class ElementwiseTensorProduct(TensorProduct):
                     continue
                 instr.append((i, i, len(out), "uuu", False))
                 out.append((mul, ir))
-        super().__init__(Irreps(a), Irreps(b), Irreps(out), instr, irrep_normalization=irrep_normalization, **kwargs)
+        super().__init__(
+            Irreps(a), Irreps(b), Irreps(out), instr, irrep_normalization=irrep_normalization, **kwargs
+        )
 
 
 class FullTensorProduct(TensorProduct):
@@ -427,7 +477,9 @@ class FullTensorProduct(TensorProduct):
                     out.append((mul1 * mul2, ir))
         out, p, _ = Irreps(out).sort()
         instr = [(i1, i2, p[io], mode, w) for i1, i2, io, mode, w in instr]
-        super().__init__(irreps_in1, irreps_in2, out, instr, irrep_normalization=irrep_normalization, **kwargs)
+        super().__init__(
+            irreps_in1, irreps_in2, out, instr, irrep_normalization=irrep_normalization, **kwargs
+        )
 
 
 def channelwise_instructions(irreps_in1, irreps_in2, irreps_out) -> tuple[Irreps, list]:
@@ -457,7 +509,9 @@ class ChannelwiseTensorProduct(TensorProduct):
     sorted list of the blocks produced (see :func:`channelwise_instructions`).
     """
 
-    def __init__(self, irreps_in1, irreps_in2, irreps_out, shared_weights=False, internal_weights=False, **kwargs):
+    def __init__(
+        self, irreps_in1, irreps_in2, irreps_out, shared_weights=False, internal_weights=False, **kwargs
+    ):
         out, instr = channelwise_instructions(irreps_in1, irreps_in2, irreps_out)
         super().__init__(
             irreps_in1,

@@ -77,7 +77,9 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad):
     x1, x2, weight, paths, blocks, cg_ijk, cg_val = ctx.saved_tensors
-    g1, g2, gw = tensor_product_backward(grad, x1, x2, weight, paths, blocks, cg_ijk, cg_val, ctx.weighted_only)
+    g1, g2, gw = tensor_product_backward(
+        grad, x1, x2, weight, paths, blocks, cg_ijk, cg_val, ctx.weighted_only
+    )
     return g1, g2, gw, None, None, None, None, None, None
 
 
@@ -121,6 +123,4 @@ def _bwd_backward(ctx, a1, a2, aw):
     return d_gout, d_x1, d_x2, d_w, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "equikern::tensor_product_backward", _bwd_backward, setup_context=_bwd_setup
-)
+torch.library.register_autograd("equikern::tensor_product_backward", _bwd_backward, setup_context=_bwd_setup)
