@@ -176,9 +176,9 @@ def test_gradcheck_and_gradgradcheck(mode):
         wshape = (tp.weight_numel,) if shared else (3, tp.weight_numel)
         w = torch.randn(*wshape, dtype=torch.float64, generator=gen, requires_grad=True)
         if tp.weight_numel == 0:
-            fn, args = (lambda a, b: tp(a, b)), (x, y)
+            fn, args = tp, (x, y)
         else:
-            fn, args = (lambda a, b, c: tp(a, b, c)), (x, y, w)
+            fn, args = tp, (x, y, w)
         assert torch.autograd.gradcheck(fn, args)
         assert torch.autograd.gradgradcheck(fn, args)
 

@@ -310,14 +310,13 @@ class TensorProduct(torch.nn.Module):
             return self.weight
         if not isinstance(weight, Tensor):
             raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
+        got = tuple(weight.shape)
         if self.shared_weights:
-            if tuple(weight.shape) != (self.weight_numel,):
-                raise ValueError(
-                    f"weight: expected shape ({self.weight_numel},) (shared weights), got {tuple(weight.shape)}"
-                )
+            if got != (self.weight_numel,):
+                raise ValueError(f"weight: expected shape ({self.weight_numel},) (shared weights), got {got}")
         elif weight.dim() < 2 or weight.shape[-1] != self.weight_numel:
             raise ValueError(
-                f"weight: expected shape (..., {self.weight_numel}) with a batch dimension, got {tuple(weight.shape)}"
+                f"weight: expected shape (..., {self.weight_numel}) with a batch dimension, got {got}"
             )
         return weight
 
