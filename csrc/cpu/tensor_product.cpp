@@ -188,8 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
     const at::Tensor& cg_val, bool weighted_only) {
   const int64_t z = check_operands(x1_, x2_, w_, &gout_);
   auto x1 = x1_.contiguous(), x2 = x2_.contiguous(), w = w_.contiguous(), gout = gout_.contiguous();
-  auto g1 = at::zeros_like(x1), g2 = at::zeros_like(x2), gw = at::zeros_like(w);
-  if (z == 0) return {g1, g2, gw};
+  // Rows of batched gradients are zeroed right before their sample accumulates into them (while
+  // they are in cache); broadcast operands are reduced from per-chunk partial sums below.
+  auto g1 = at::empty_like(x1), g2 = at::empty_like(x2), gw = at::empty_like(w);
+  if (z == 0) return {g1.zero_(), g2.zero_(), gw.zero_()};
   const int64_t out_dim = gout.size(1);
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_bwd", [&] {
     using T = scalar_t;
@@ -217,12 +219,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
           T* o1 = b1 ? part1.data() + c * d1 : q1 + b * d1;
           T* o2 = b2 ? part2.data() + c * d2 : q2 + b * d2;
           T* ow = bw ? partw.data() + c * dw : qw + b * dw;
+          if (!b1) std::fill(o1, o1 + d1, T(0));
+          if (!b2) std::fill(o2, o2 + d2, T(0));
+          if (!bw) std::fill(ow, ow + dw, T(0));
           tp::backward_sample(plan, pg + b * out_dim, p1 + (b1 ? 0 : b * d1),
                               p2 + (b2 ? 0 : b * d2), pw + (bw ? 0 : b * dw), o1, o2, ow, scratch);
         }
       }
     });
     auto reduce = [&](const std::vector<T>& part, T* dst, int64_t d) {
+      std::fill(dst, dst + d, T(0));
       for (int64_t c = 0; c < chunks; ++c)
         for (int64_t i = 0; i < d; ++i) dst[i] += part[c * d + i];
     };

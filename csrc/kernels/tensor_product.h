@@ -6,6 +6,11 @@
 // "ir_mul" (component-major) scratch, so that all inner loops run over contiguous channels and
 // vectorise; results are transposed back at the end.
 //
+// The channelwise products of MACE and NequIP (every path uvu, weighted, mul2 = 1) take a direct
+// route instead: there a path is, per channel u, the small product out[u,:] = W[u] x1[u,:] t with
+// t[i,k] = sum_j C[i,j,k] x2[j], which runs in mul_ir layout as it is, with no transposes (these
+// cost more than the arithmetic). See "channelwise" below.
+//
 // Connection modes (u: channel of in1, v: channel of in2, w: channel of out; C: CG coefficients):
 //   uvw  out[w,k] += sum_uv W[u,v,w] sum_ij C[i,j,k] x1[u,i] x2[v,j]
 //   uvu  out[u,k] += sum_v  W[u,v]   ...                            (W = 1 if unweighted)
@@ -17,6 +22,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace equikern::tp {
@@ -36,6 +43,184 @@ struct Block {
 };
 constexpr int kBlockFields = 4;
 
+// ---- small vector helpers ----------------------------------------------------------------------
+
+template <class T>
+inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+#pragma omp simd
+  for (int64_t u = 0; u < n; ++u) y[u] += a * x[u];
+}
+
+template <class T>
+inline T dot(int64_t n, const T* __restrict x, const T* __restrict y) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t u = 0; u < n; ++u) s += x[u] * y[u];
+  return s;
+}
+
+// ---- channelwise kernels (uvu, weighted, mul2 = 1), in mul_ir layout ----------------------------
+//
+// One path over all m channels of a sample; x: [m][d1], w: [m], g, out: [m][d3], t: [d1][d3].
+//   forward:  out[u,k] (+)= w[u] sum_i x[u,i] t[i,k]            (= if overwrite, else +=)
+//   backward: with H[u,i] = sum_k t[i,k] g[u,k]:  g1[u,i] += w[u] H[u,i],
+//             gw[u] += sum_i x[u,i] H[u,i],  r[i,k] = sum_u w[u] x[u,i] g[u,k]
+// The dimensions are template arguments for the common ones (l <= 3), so that the loops over i
+// and k unroll and a channel stays in registers; D1 = D3 = 0 is the generic version.
+
+// Smallest power of two >= d (and >= 2): the lanes of a vector that holds d values.
+constexpr int padded(int d) { return d <= 2 ? 2 : 2 * padded((d + 1) / 2); }
+
+template <class T>
+using ChannelwiseForward = void (*)(int64_t m, int64_t d1, int64_t d3, const T* x, const T* w,
+                                    const T* t, T* out, bool overwrite);
+template <class T>
+using ChannelwiseBackward = void (*)(int64_t m, int64_t d1, int64_t d3, const T* x, const T* w,
+                                     const T* g, const T* t, T* g1, T* gw, T* r);
+
+template <class T, int D1, int D3>
+void channelwise_forward(int64_t m, int64_t d1_, int64_t d3_, const T* __restrict x,
+                         const T* __restrict w, const T* __restrict t, T* __restrict out,
+                         bool overwrite) {
+  if constexpr (D1 == 0) {
+    const int64_t d1 = d1_, d3 = d3_;
+    for (int64_t u = 0; u < m; ++u) {
+      T* o = out + u * d3;
+      if (overwrite) std::fill(o, o + d3, T(0));
+      for (int64_t i = 0; i < d1; ++i) {
+        const T a = w[u] * x[u * d1 + i];
+        for (int64_t k = 0; k < d3; ++k) o[k] += a * t[i * d3 + k];
+      }
+    }
+  } else {
+    // Output rows as vectors padded to a power of two (see channelwise_backward): when
+    // overwriting, the lanes past d3 land on the next channel, which overwrites them in turn.
+    constexpr int P3 = padded(D3);
+    typedef T V3 __attribute__((vector_size(P3 * sizeof(T))));
+    V3 ti[D1];  // ti[i][k] = t[i,k]
+    for (int i = 0; i < D1; ++i) {
+      ti[i] = V3{};
+      for (int k = 0; k < D3; ++k) ti[i][k] = t[i * D3 + k];
+    }
+    const int64_t m_vec = overwrite && D3 > 1 ? m - (P3 - D3 + D3 - 1) / D3 : 0;
+    for (int64_t u = 0; u < m; ++u) {
+      V3 o = x[u * D1] * ti[0];
+      for (int i = 1; i < D1; ++i) o += x[u * D1 + i] * ti[i];
+      o *= w[u];
+      T* dst = out + u * D3;
+      if (u < m_vec) {
+        std::memcpy(dst, &o, sizeof o);
+      } else if (overwrite) {
+        for (int k = 0; k < D3; ++k) dst[k] = o[k];
+      } else {
+        for (int k = 0; k < D3; ++k) dst[k] += o[k];
+      }
+    }
+  }
+}
+
+template <class T, int D1, int D3>
+void channelwise_backward(int64_t m, int64_t d1_, int64_t d3_, const T* __restrict x,
+                          const T* __restrict w, const T* __restrict g, const T* __restrict t,
+                          T* __restrict g1, T* __restrict gw, T* __restrict r) {
+  if constexpr (D1 == 0) {
+    const int64_t d1 = d1_, d3 = d3_;
+    std::fill(r, r + d1 * d3, T(0));
+    for (int64_t u = 0; u < m; ++u) {
+      const T* gu = g + u * d3;
+      T s = 0;
+      for (int64_t i = 0; i < d1; ++i) {
+        const T h = dot(d3, t + i * d3, gu);
+        g1[u * d1 + i] += w[u] * h;
+        s += x[u * d1 + i] * h;
+        axpy(d3, w[u] * x[u * d1 + i], gu, r + i * d3);
+      }
+      gw[u] += s;
+    }
+  } else {
+    // GCC/Clang vector types, padded to a power of two: H [d1] is a sum of d3 columns of t, and
+    // r's rows accumulate g[u, :] read as one vector (its lanes past d3 are the next channel's, so
+    // the last channels, whose vector would run past the block, take scalar code).
+    constexpr int P1 = padded(D1), P3 = padded(D3);
+    typedef T V1 __attribute__((vector_size(P1 * sizeof(T))));
+    typedef T V3 __attribute__((vector_size(P3 * sizeof(T))));
+    V1 tk[D3];  // tk[k][i] = t[i,k]
+    V3 R[D1];
+    for (int k = 0; k < D3; ++k) {
+      tk[k] = V1{};
+      for (int i = 0; i < D1; ++i) tk[k][i] = t[i * D3 + k];
+    }
+    for (int i = 0; i < D1; ++i) R[i] = V3{};
+    const int64_t m_vec = m - (P3 - D3 + D3 - 1) / D3;
+    for (int64_t u = 0; u < m; ++u) {
+      const T* gu = g + u * D3;
+      V1 h = gu[0] * tk[0];
+      for (int k = 1; k < D3; ++k) h += gu[k] * tk[k];
+      T s = 0;
+      for (int i = 0; i < D1; ++i) {
+        g1[u * D1 + i] += w[u] * h[i];
+        s += x[u * D1 + i] * h[i];
+      }
+      gw[u] += s;
+      if (u < m_vec) {
+        V3 gv;
+        std::memcpy(&gv, gu, sizeof gv);
+        for (int i = 0; i < D1; ++i) R[i] += (w[u] * x[u * D1 + i]) * gv;
+      } else {
+        for (int i = 0; i < D1; ++i)
+          for (int k = 0; k < D3; ++k) R[i][k] += w[u] * x[u * D1 + i] * gu[k];
+      }
+    }
+    for (int i = 0; i < D1; ++i)
+      for (int k = 0; k < D3; ++k) r[i * D3 + k] = R[i][k];
+  }
+}
+
+template <class T>
+struct ChannelwiseKernels {
+  ChannelwiseForward<T> forward;
+  ChannelwiseBackward<T> backward;
+};
+
+template <class T, int D1, int D3>
+constexpr ChannelwiseKernels<T> channelwise_kernels() {
+  return {&channelwise_forward<T, D1, D3>, &channelwise_backward<T, D1, D3>};
+}
+
+template <class T, int D1>
+ChannelwiseKernels<T> channelwise_kernels(int64_t d3) {
+  switch (d3) {
+    case 1:
+      return channelwise_kernels<T, D1, 1>();
+    case 3:
+      return channelwise_kernels<T, D1, 3>();
+    case 5:
+      return channelwise_kernels<T, D1, 5>();
+    case 7:
+      return channelwise_kernels<T, D1, 7>();
+    default:
+      return channelwise_kernels<T, 0, 0>();
+  }
+}
+
+template <class T>
+ChannelwiseKernels<T> channelwise_kernels(int64_t d1, int64_t d3) {
+  switch (d1) {
+    case 1:
+      return channelwise_kernels<T, 1>(d3);
+    case 3:
+      return channelwise_kernels<T, 3>(d3);
+    case 5:
+      return channelwise_kernels<T, 5>(d3);
+    case 7:
+      return channelwise_kernels<T, 7>(d3);
+    default:
+      return channelwise_kernels<T, 0, 0>();
+  }
+}
+
+// ---- plan ---------------------------------------------------------------------------------------
+
 template <class T>
 struct Plan {
   std::vector<Path> paths;
@@ -45,11 +230,43 @@ struct Plan {
   int64_t dim1 = 0, dim2 = 0, dim_out = 0, num_weights = 0;
   int64_t max_dd = 1, max_chan = 1;  // scratch sizes
 
+  // The channelwise route (every path uvu, weighted, mul2 = 1): per path its kernels and whether
+  // it is the first to touch its output range (then it overwrites instead of accumulating); the
+  // output ranges [begin, end) that no such path overwrites are zeroed first.
+  bool channelwise = false;
+  std::vector<ChannelwiseKernels<T>> kernels;
+  std::vector<char> overwrites;
+  std::vector<std::pair<int64_t, int64_t>> zero_runs;
+
   void finalize() {
     for (const Path& p : paths) {
       max_dd = std::max({max_dd, p.d1 * p.d3, p.d2 * p.d3, p.d1 * p.d2});
       max_chan = std::max({max_chan, p.m1 * std::max(p.d1, p.d3), p.m2 * std::max(p.d2, p.d3),
                            p.mo * p.d3, p.m1 * p.d3});
+    }
+    channelwise = std::all_of(paths.begin(), paths.end(), [](const Path& p) {
+      return p.mode == kUVU && p.m2 == 1 && p.woff >= 0;
+    });
+    if (!channelwise) return;
+    max_chan = std::max(max_chan, max_dd);  // backward_sample keeps r [d1][d3] in Scratch::b
+    std::vector<char> touched(dim_out, 0), written(dim_out, 0);
+    for (const Path& p : paths) {
+      kernels.push_back(channelwise_kernels<T>(p.d1, p.d3));
+      const int64_t begin = p.offo, end = p.offo + p.mo * p.d3;
+      const auto touched_begin = touched.begin() + begin, touched_end = touched.begin() + end;
+      const bool first = std::none_of(touched_begin, touched_end, [](char c) { return c; });
+      overwrites.push_back(first);
+      std::fill(touched_begin, touched_end, 1);
+      if (first) std::fill(written.begin() + begin, written.begin() + end, 1);
+    }
+    for (int64_t n = 0; n < dim_out;) {
+      if (written[n]) {
+        ++n;
+        continue;
+      }
+      const int64_t begin = n;
+      while (n < dim_out && !written[n]) ++n;
+      zero_runs.emplace_back(begin, n);
     }
   }
 };
@@ -87,20 +304,6 @@ inline void to_mul_ir(const Plan<T>& plan, int64_t operand, const T* src, T* dst
     for (int64_t u = 0; u < b.mul; ++u)
       for (int64_t i = 0; i < b.dim; ++i) dst[b.off + u * b.dim + i] = src[b.off + i * b.mul + u];
   }
-}
-
-template <class T>
-inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
-#pragma omp simd
-  for (int64_t u = 0; u < n; ++u) y[u] += a * x[u];
-}
-
-template <class T>
-inline T dot(int64_t n, const T* __restrict x, const T* __restrict y) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t u = 0; u < n; ++u) s += x[u] * y[u];
-  return s;
 }
 
 // t[i*d3+k] = sum_j C[i,j,k] x2[j*stride]  (contract the second operand into the CG table)
@@ -230,6 +433,17 @@ void forward_path(const Plan<T>& plan, const Path& p, const T* w, Scratch<T>& s)
 template <class T>
 void forward_sample(const Plan<T>& plan, const T* x1, const T* x2, const T* w, T* out,
                     Scratch<T>& s) {
+  if (plan.channelwise) {
+    for (const auto& [begin, end] : plan.zero_runs) std::fill(out + begin, out + end, T(0));
+    T* t = s.a.data();
+    for (size_t n = 0; n < plan.paths.size(); ++n) {
+      const Path& p = plan.paths[n];
+      contract_second(plan, p, x2 + p.off2, 1, t);
+      plan.kernels[n].forward(p.m1, p.d1, p.d3, x1 + p.off1, w + p.woff, t, out + p.offo,
+                              plan.overwrites[n]);
+    }
+    return;
+  }
   to_ir_mul(plan, 0, x1, s.x1.data());
   to_ir_mul(plan, 1, x2, s.x2.data());
   std::fill(s.out.begin(), s.out.end(), T(0));
@@ -402,6 +616,22 @@ void backward_path(const Plan<T>& plan, const Path& p, const T* w, T* gw, Scratc
 template <class T>
 void backward_sample(const Plan<T>& plan, const T* gout, const T* x1, const T* x2, const T* w,
                      T* g1, T* g2, T* gw, Scratch<T>& s) {
+  if (plan.channelwise) {
+    T* t = s.a.data();
+    T* r = s.b.data();
+    for (size_t n = 0; n < plan.paths.size(); ++n) {
+      const Path& p = plan.paths[n];
+      contract_second(plan, p, x2 + p.off2, 1, t);
+      plan.kernels[n].backward(p.m1, p.d1, p.d3, x1 + p.off1, w + p.woff, gout + p.offo, t,
+                               g1 + p.off1, gw + p.woff, r);
+      // d x2[j] = sum C[i,j,k] r[i,k]
+      for (int64_t c = p.cg_begin; c < p.cg_end; ++c) {
+        const int32_t* q = &plan.ijk[3 * c];
+        g2[p.off2 + q[1]] += plan.val[c] * r[q[0] * p.d3 + q[2]];
+      }
+    }
+    return;
+  }
   to_ir_mul(plan, 0, x1, s.x1.data());
   to_ir_mul(plan, 1, x2, s.x2.data());
   to_ir_mul(plan, 2, gout, s.out.data());
