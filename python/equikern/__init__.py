@@ -14,7 +14,18 @@ from equikern.nn import (
     ElementwiseTensorProduct,
     FullTensorProduct,
     FullyConnectedTensorProduct,
+    OrbitLinear,
     TensorProduct,
+)
+from equikern.orbit import (
+    group_average,
+    orbit_average,
+    orbit_broadcast,
+    orbit_pool,
+    orbital_embedding,
+    orbitals,
+    orbits,
+    permute,
 )
 from equikern.so3 import spherical_harmonics, wigner_3j
 
@@ -27,9 +38,18 @@ __all__ = [
     "FullyConnectedTensorProduct",
     "Irrep",
     "Irreps",
+    "OrbitLinear",
     "TensorProduct",
     "accelerate",
     "from_e3nn",
+    "group_average",
+    "orbit_average",
+    "orbit_broadcast",
+    "orbit_pool",
+    "orbital_embedding",
+    "orbitals",
+    "orbits",
+    "permute",
     "spherical_harmonics",
     "wigner_3j",
 ]

@@ -1,5 +1,6 @@
 """Drop-in modules."""
 
+from equikern.nn.orbit import OrbitLinear
 from equikern.nn.tensor_product import (
     ChannelwiseTensorProduct,
     ElementwiseTensorProduct,
@@ -16,6 +17,7 @@ __all__ = [
     "FullTensorProduct",
     "FullyConnectedTensorProduct",
     "Instruction",
+    "OrbitLinear",
     "TensorProduct",
     "channelwise_instructions",
 ]
