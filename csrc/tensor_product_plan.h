@@ -14,7 +14,8 @@ using tp::Block;
 using tp::Path;
 using tp::Plan;
 
-inline void check_plan_tensor(const at::Tensor& t, const char* name, int64_t cols, at::ScalarType dt) {
+inline void check_plan_tensor(const at::Tensor& t, const char* name, int64_t cols,
+                              at::ScalarType dt) {
   TORCH_CHECK(t.device().is_cpu(), "tensor_product: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dt, "tensor_product: ", name, " must have dtype ", dt, ", got ",
               t.scalar_type());
@@ -23,9 +24,9 @@ inline void check_plan_tensor(const at::Tensor& t, const char* name, int64_t col
 }
 
 template <class T>
-inline Plan<T> make_plan(const at::Tensor& paths, const at::Tensor& blocks, const at::Tensor& cg_ijk,
-                  const at::Tensor& cg_val, int64_t dim1, int64_t dim2, int64_t dim_out,
-                  int64_t num_weights, bool weighted_only) {
+inline Plan<T> make_plan(const at::Tensor& paths, const at::Tensor& blocks,
+                         const at::Tensor& cg_ijk, const at::Tensor& cg_val, int64_t dim1,
+                         int64_t dim2, int64_t dim_out, int64_t num_weights, bool weighted_only) {
   check_plan_tensor(paths, "paths", tp::kPathFields, at::kLong);
   check_plan_tensor(blocks, "blocks", tp::kBlockFields, at::kLong);
   check_plan_tensor(cg_ijk, "cg_ijk", 3, at::kInt);
@@ -117,14 +118,15 @@ inline Plan<T> make_plan(const at::Tensor& paths, const at::Tensor& blocks, cons
 
 // Batch sizes: every operand has leading size Z or 1 (broadcast).
 inline int64_t check_operands(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& w,
-                       const at::Tensor* gout) {
+                              const at::Tensor* gout) {
   const at::Tensor* ts[3] = {&x1, &x2, &w};
   const char* names[3] = {"x1", "x2", "weight"};
   int64_t z = 1;
   for (int i = 0; i < 3; ++i) {
     TORCH_CHECK(ts[i]->dim() == 2, "tensor_product: ", names[i], " must be 2-D [batch, dim], got ",
                 ts[i]->sizes());
-    TORCH_CHECK(ts[i]->device() == x1.device(), "tensor_product: ", names[i], " is on ", ts[i]->device(), " but x1 is on ", x1.device());
+    TORCH_CHECK(ts[i]->device() == x1.device(), "tensor_product: ", names[i], " is on ",
+                ts[i]->device(), " but x1 is on ", x1.device());
     TORCH_CHECK(ts[i]->scalar_type() == x1.scalar_type(), "tensor_product: ", names[i],
                 " has dtype ", ts[i]->scalar_type(), " but x1 has ", x1.scalar_type());
     if (ts[i]->size(0) != 1) {
