@@ -14,12 +14,12 @@ CPU = torch.device("cpu")
 
 def test_quick_run_end_to_end(tmp_path):
     # one problem per construction type (channelwise uvu, fully connected uvw with shared weights)
-    argv = ["--quick", "--device", "cpu", "--problems", "nequip-lips,tetris-poly-1", "--out", str(tmp_path)]
+    argv = ["--quick", "--device", "cpu", "--problems", "mace-medium,tetris-poly-1", "--out", str(tmp_path)]
     assert bench.main(argv + ["--modes", "fwd,fwdbwd", "--dtype", "float32,float64"]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["torch"] == torch.__version__ and report["bandwidth_GBps"] > 0
     rows = {(r["problem"], r["dtype"], r["mode"], r["impl"]): r for r in report["rows"]}
-    for problem in ("nequip-lips", "tetris-poly-1"):
+    for problem in ("mace-medium", "tetris-poly-1"):
         for dtype in ("float32", "float64"):
             for mode in ("fwd", "fwdbwd"):
                 ours, ref = rows[problem, dtype, mode, "equikern"], rows[problem, dtype, mode, "e3nn"]
@@ -30,7 +30,7 @@ def test_quick_run_end_to_end(tmp_path):
                     assert row["median_ms"] > 0 and row["GBps"] > 0 and row["floor_ms"] > 0
                 assert ours["speedup"]["e3nn"] == pytest.approx(ref["median_ms"] / ours["median_ms"])
     md = (tmp_path / "results.md").read_text()
-    assert "nequip-lips" in md and "tetris-poly-1" in md and "| equikern |" in md
+    assert "mace-medium" in md and "tetris-poly-1" in md and "| equikern |" in md
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,7 +104,8 @@ def test_missing_equikern_module_is_an_error_row(tmp_path, monkeypatch):
         "--dtype",
         "float32",
     ]
-    assert bench.main(argv + ["--out", str(tmp_path)]) == 1  # the run goes on, but says it failed
+    argv += ["--impls", "equikern,e3nn", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1  # the run goes on, but says it failed
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["impl"], r["status"]) for r in rows] == [("equikern", "error"), ("e3nn", "ref")]
     assert "AttributeError" in rows[0]["error"] and rows[1]["median_ms"] > 0
@@ -113,17 +114,17 @@ def test_missing_equikern_module_is_an_error_row(tmp_path, monkeypatch):
 @pytest.mark.parametrize("problem", anchors()["tensor_product"], ids=lambda p: p["label"])
 def test_problem_construction(problem):
     """The construction gives the dims of anchors.json, and the floors its H100 figures."""
-    cfg = Config(CPU, torch.float32, 1, "cpu")
-    case = tensor_product._case(problem, cfg)
+    case = tensor_product._case(problem, Config(CPU, torch.float32, 1, "cpu"))
     case.impls["e3nn"]()  # raises if the e3nn module's dims differ from anchors.json
     bandwidth = anchors()["h100_copy_bandwidth_TBps"] * 1e12
-    for dtype, batch, key in [
-        (torch.float32, 50000, "h100_memory_floor_fwd_ms"),
-        (torch.float64, 50000, "h100_fp64_memory_floor_fwd_ms"),
-        (torch.float32, 20000, "h100_fp32_batch20000_memory_floor_fwd_ms"),
+    # h100_copy_bandwidth_TBps is the float32 batch-50000 run's; the other runs measured within 3% of it
+    for dtype, batch, key, rel in [
+        (torch.float32, 50000, "h100_memory_floor_fwd_ms", 1e-4),
+        (torch.float64, 50000, "h100_fp64_memory_floor_fwd_ms", 0.03),
+        (torch.float32, 20000, "h100_fp32_batch20000_memory_floor_fwd_ms", 0.03),
     ]:
         case = tensor_product._case(problem, Config(CPU, dtype, batch, "h100"))
-        assert case.floor_bytes["fwd"] / bandwidth * 1e3 == pytest.approx(problem[key], abs=6e-5)
+        assert case.floor_bytes["fwd"] / bandwidth * 1e3 == pytest.approx(problem[key], rel=rel, abs=6e-5)
 
 
 def test_published_figures_follow_device_dtype_and_batch():
@@ -144,6 +145,8 @@ def test_cue_adapter_matches_e3nn():
     args = bench.parse_args(["--quick", "--device", "cpu", "--impls", "cue", "--modes", "fwd,fwdbwd"])
     cfg = Config(CPU, torch.float64, 4, "cpu")
     for problem in anchors()["tensor_product"]:
+        if problem["label"] not in ("nequip-lips", "DiffDock-L=2", "tetris-poly-1"):
+            continue  # one of each kind: channelwise with many parities, fully connected, shared weights
         with bench.tqdm(disable=True) as bar:
             rows = bench.run_case(tensor_product._case(problem, cfg), cfg, args, 1e9, {}, bar)
         assert [r.status for r in rows] == ["ok", "ok"], rows

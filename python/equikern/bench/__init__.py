@@ -58,11 +58,12 @@ class Impl:
 class Case:
     """One benchmark problem of a family at a fixed device, dtype and batch.
 
-    ``inputs()`` returns fresh random inputs in the reference layout (floating-point ones get gradients in
-    the backward modes); ``impls`` maps an implementation name to a builder returning an ``Impl`` (raise
-    ``Unavailable`` when its library is missing; any other exception is reported as an error row);
-    ``floor_bytes`` maps each mode of ``MODES`` to the bytes it must move at least; ``published`` holds
-    the figures of anchors.json that apply to this device, dtype and batch: impl -> mode -> ms.
+    ``params`` describes the problem (JSON-able, copied into every result row). ``inputs()`` returns fresh
+    random inputs in the reference layout (floating-point ones get gradients in the backward modes).
+    ``impls`` maps an implementation name to a builder returning an ``Impl`` (raise ``Unavailable`` when
+    its library is missing; any other exception is reported as an error row). ``floor_bytes`` maps each
+    mode of ``MODES`` to the bytes it must move at least. ``published`` holds the figures of anchors.json
+    that apply to this device, dtype and batch: impl -> mode -> ms.
     """
 
     family: str

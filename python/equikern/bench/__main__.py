@@ -5,6 +5,7 @@ Run with ``--help`` for the options and ``--list`` for the problems.
 """
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -100,7 +101,7 @@ def compare(got: Sequence[Tensor], want: Sequence[Tensor], dtype: torch.dtype) -
         return False, math.inf
     worst = 0.0
     for g, w in zip(got, want):
-        if g.shape != w.shape:
+        if g.shape != w.shape or g.dtype != w.dtype:
             return False, math.inf
         scale = w.abs().max().item() if w.numel() else 0.0
         err = (g - w).abs().max().item() / (scale or 1.0) if w.numel() else 0.0
@@ -225,10 +226,11 @@ def run_case(
                 continue  # built only to check the others
             bar.set_postfix_str(f"{case.label} {_dtype_name(cfg.dtype)} {mode} {name}", refresh=True)
             rows.append(_measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwidth))
-            _free_memory()
         del want
         bar.update()
     _add_speedups(rows)
+    del impls, inputs
+    _free_memory()
     return rows
 
 
@@ -265,6 +267,8 @@ def _measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwid
         )
     except Exception as err:  # an implementation that breaks (or runs out of memory) must not stop the run
         row.status, row.error = "error", _error_text(err)
+        del err  # its traceback holds the failed call's tensors
+        _free_memory()
         tqdm.write(f"error: {name} {case.label} {row.dtype} {mode}: {row.error}", file=sys.stderr)
         return row
     row.median_ms, row.iqr_ms = seconds * 1e3, iqr * 1e3
@@ -342,14 +346,17 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m equikern.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m equikern.bench",
+        description="Check every implementation against its reference, then time it.",
+    )
     p.add_argument(
         "--problems", type=_csv, help="comma-separated problem labels or family names (default: all)"
     )
     p.add_argument(
         "--batch",
         type=lambda s: [int(b) for b in _csv(s)],
-        help="batch sizes (default 50000 on a GPU, 2000 on a CPU)",
+        help="comma-separated batch sizes (default 50000 on a GPU, 2000 on a CPU)",
     )
     p.add_argument(
         "--dtype", type=_csv, default=["float32", "float64"], help="float32,float64 (default both)"
@@ -406,7 +413,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         check = r.status if r.max_rel_err is None else f"{r.status} ({r.max_rel_err:.1e})"
         if r.error:
-            check += f": {r.error}"
+            check += f": {r.error[:100]}"  # the whole message is in results.json
         line = [r.problem, str(r.batch), r.dtype, r.mode, r.impl, _fmt(r.median_ms), _fmt(r.iqr_ms, 2)]
         line += [_fmt(r.GBps), _fmt(r.floor_ms)] + [_fmt(r.speedup.get(p), 3) for p in peers]
         cells.append(line + [_fmt(r.published_ms), check])
@@ -450,10 +457,10 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     impls = _ordered({r.impl for r in rows})
     groups = list(dict.fromkeys(f"{r.problem}\n{r.dtype} b{r.batch}" for r in rows))
     fig, axes = plt.subplots(
-        1, len(modes), figsize=(max(6, 1.2 * len(groups)) * len(modes), 5), squeeze=False
+        len(modes), 1, figsize=(max(7, 1.1 * len(groups)), 4.5 * len(modes)), squeeze=False
     )
     width = 0.8 / max(1, len(impls))
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[:, 0], modes):
         for k, impl in enumerate(impls):
             xs, ys = [], []
             for r in rows:
@@ -494,12 +501,31 @@ def list_problems(args: argparse.Namespace) -> None:
         print(f"{name:16} (family failed to load: {err})")
 
 
+def keep_freed_memory() -> str:
+    """Let glibc keep freed blocks instead of unmapping them, for every implementation alike.
+
+    By default glibc returns each large block to the OS when it is freed, so every fresh tensor
+    page-faults in again: on the project's CPU machine that caps writing new memory at about 3-5
+    GB/s and dominates any memory-bound op. Long-running training processes (and jemalloc or
+    tcmalloc, which PyTorch recommends on CPUs) do not pay this; neither does this benchmark.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3
+        if libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31):
+            return "glibc, freed blocks kept (mallopt)"
+    except OSError:
+        pass
+    return "default"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         list_problems(args)
         return 0
     hardware = hardware_of(args.device)
+    allocator = keep_freed_memory() if hardware == "cpu" else "default"
     configs = [
         Config(args.device, DTYPES[d], b, hardware) for b in args.batch for d in dict.fromkeys(args.dtype)
     ]
@@ -511,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bandwidth, source = copy_bandwidth(args.device, hardware, args.quick)
     print(
         f"equikern bench on {name}: {len(work)} problems x {len(args.modes)} modes; "
-        f"memory floor at {bandwidth / 1e9:.0f} GB/s ({source})"
+        f"memory floor at {bandwidth / 1e9:.0f} GB/s ({source}); CPU allocator: {allocator}"
     )
     for family, err in family_errors.items():
         print(f"!!! family {family} failed to load: {err}", file=sys.stderr)
@@ -529,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "equikern": equikern.__version__,
         "bandwidth_GBps": bandwidth / 1e9,
         "bandwidth_source": source,
-        "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in vars(args).items()},
+        "allocator": allocator,
+        "args": dict(vars(args)),
         "not_run": notes,
         "family_errors": family_errors,
     }
@@ -540,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += run_case(case, cfg, args, bandwidth, notes, bar)
             # rewritten after every case, so that a run cut short keeps what it measured
             (out / "results.json").write_text(
-                json.dumps({**report, "rows": [asdict(r) for r in rows]}, indent=1)
+                json.dumps({**report, "rows": [asdict(r) for r in rows]}, indent=1, default=str)
             )
     (out / "results.md").write_text(markdown(report, rows))
     if rows:
