@@ -13,10 +13,12 @@ endif
 PY := $(BIN)/python
 STAMP := $(BIN)/../.equikern-deps
 PIP := $(PY) -m pip
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_VERSION ?= 2.14.1
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench install deps lint format clean
+.PHONY: test bench install deps lint format clean cuda-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +49,16 @@ test: install lint
 
 bench: install
 	$(PY) -m equikern.bench $(BENCH_ARGS)
+
+# Proves that the CUDA sources compile and link against a CUDA build of torch (no GPU needed):
+# a separate venv, so the CPU venv of `make test` is untouched. Run by .ci/run when nvcc is found.
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q torch==$(CUDA_TORCH_VERSION) scikit-build-core numpy cmake ninja
+	PATH="$(abspath $(CUDA_VENV))/bin:$$PATH" EQUIKERN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 \
+	  $(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/cuda-check .
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "import torch, equikern; \
+	  assert torch.version.cuda; print('CUDA build of equikern imports; torch', torch.__version__)"
 
 clean:
 	rm -rf build

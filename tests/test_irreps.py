@@ -28,15 +28,6 @@ STRINGS = ["", "0e", "16x0e+8x1o", "1e + 0e + 1e + 0x2e", "2o + 1e + 0e + 1e", "
 STRINGS += [_random_irreps_string(RNG) for _ in range(40)]
 
 
-@pytest.fixture
-def float64_default():
-    # e3nn builds its D matrices from generators in the default dtype
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 @pytest.mark.parametrize("s", STRINGS)
 def test_irreps_methods_match_e3nn(s):
     ours, ref = Irreps(s), o3.Irreps(s)

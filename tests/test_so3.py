@@ -19,15 +19,6 @@ def _triples(lmax):
     ]
 
 
-@pytest.fixture
-def float64_default():
-    # e3nn builds D matrices from generators in the default dtype
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def test_wigner_3j_matches_e3nn_exhaustive():
     for l1, l2, l3 in _triples(6):
         ours = so3.wigner_3j(l1, l2, l3)

@@ -10,15 +10,7 @@ import equikern
 from equikern.ops.tensor_product import tensor_product, tensor_product_backward
 
 MODES = ["uvw", "uvu", "uvv", "uuw", "uuu", "uvuv"]
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn stores its Wigner 3j in the default dtype: build references in float64 to compare at 1e-10."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def random_irreps(rng: random.Random, n: int, lmax: int = 3, max_mul: int = 4) -> str:

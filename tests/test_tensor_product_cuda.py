@@ -10,17 +10,10 @@ import equikern
 from test_tensor_product import MODES, inputs, random_problem, rel_err
 
 pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def float64_default():
+    """e3nn stores its Wigner 3j and builds its D matrices in the default dtype: comparisons at
+    float64 precision need references built with float64 as the default."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
