@@ -88,3 +88,26 @@ def test_cuda_bad_input():
     x, y, w = torch.randn(4, 8), torch.randn(4, 4), torch.randn(4, tp.weight_numel)
     with pytest.raises(ValueError, match="devices differ"):
         tp(x.cuda(), y, w.cuda())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_cuda_channelwise_route_matches_cpu(dtype, broadcast):
+    """The channelwise CUDA route (uvu, mul2 = 1, one path per output block), up to l = 4."""
+    tp = equikern.ChannelwiseTensorProduct("40x0e+40x1o+40x2e+3x4e", "0e+1o+2e+3o+4e", "0e+1o+2e+3o+4e")
+    gen = torch.Generator().manual_seed(4)
+    z = 57
+    x = torch.randn(z, tp.irreps_in1.dim, dtype=dtype, generator=gen)
+    y = torch.randn(1 if broadcast else z, tp.irreps_in2.dim, dtype=dtype, generator=gen)
+    w = torch.randn(z, tp.weight_numel, dtype=dtype, generator=gen)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+
+    def run(device):
+        a, b, c = (t.to(device).requires_grad_() for t in (x, y, w))
+        out = tp.to(device)(a, b, c)
+        grads = torch.autograd.grad(out.pow(2).sum(), (a, b, c), create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (a, b, c))
+        return (out, *grads, *second)
+
+    for got, expected in zip(run("cuda"), run("cpu")):
+        assert rel_err(got.detach().cpu(), expected.detach()) < tol

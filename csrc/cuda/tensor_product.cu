@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -390,6 +391,127 @@ __global__ void backward_kernel(const T* __restrict gout, const T* __restrict x1
   }
 }
 
+// ---- channelwise route
+// --------------------------------------------------------------------------- Every path uvu,
+// weighted, mul(in2) = 1, and each path owns its output block (the products of MACE and NequIP
+// convolutions). Per sample, all paths' tables t[i,k] = sum_j C[i,j,k] x2[j] are built at once in
+// shared memory (each entry from its own presorted list of coefficients); then thread u runs
+// through every path for channel u, with the inputs read and the output written straight from and
+// to global memory: one synchronisation per sample instead of two per path.
+
+struct Channelwise {
+  const DevPath* paths;
+  int num_paths;
+  const int* tab_off;  // [num_paths] offset of each path's table
+  const int* seg;      // [tab_total + 1] range of each table entry in ent
+  const int* ent_n;    // coefficient index (into cg_val) of each entry
+  const int* ent_x2;   // position in the x2 row it multiplies
+  int tab_total;
+};
+
+template <class T>
+__device__ void build_tables(const Channelwise& cw, const T* __restrict val, const T* sx2, T* tab) {
+  for (int e = threadIdx.x; e < cw.tab_total; e += blockDim.x) {
+    T s = 0;
+    for (int q = cw.seg[e]; q < cw.seg[e + 1]; ++q) s += val[cw.ent_n[q]] * sx2[cw.ent_x2[q]];
+    tab[e] = s;
+  }
+}
+
+template <class T>
+__global__ void channelwise_forward_kernel(const T* __restrict x1, int64_t s1,
+                                           const T* __restrict x2, int64_t s2,
+                                           const T* __restrict w, int64_t sw, T* __restrict out,
+                                           int64_t z, Channelwise cw, const T* __restrict val,
+                                           int dim2, int dim_out) {
+  extern __shared__ unsigned char smem_raw[];
+  T* sx2 = reinterpret_cast<T*>(smem_raw);
+  T* tab = sx2 + dim2;
+  for (int64_t b = blockIdx.x; b < z; b += gridDim.x) {
+    load_row(x2 + b * s2, sx2, dim2);
+    __syncthreads();
+    build_tables(cw, val, sx2, tab);
+    __syncthreads();
+    const T* xrow = x1 + b * s1;
+    const T* wrow = w + b * sw;
+    T* orow = out + b * dim_out;
+    for (int q = 0; q < cw.num_paths; ++q) {
+      const DevPath p = cw.paths[q];
+      const T* t = tab + cw.tab_off[q];
+      for (int u = threadIdx.x; u < p.m1; u += blockDim.x) {
+        const T wu = wrow[p.woff + u];
+        const T* xu = xrow + p.off1 + u * p.d1;
+        T* o = orow + p.offo + u * p.d3;
+        for (int k = 0; k < p.d3; ++k) {
+          T acc = 0;
+          for (int i = 0; i < p.d1; ++i) acc += xu[i] * t[i * p.d3 + k];
+          o[k] = wu * acc;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Gradients per sample; x1's gradient accumulates over the paths of an input block in shared
+// memory (channel u is always handled by the same thread, so no two threads touch one entry);
+// x2's gradient is a per-thread partial sum, reduced over the threads at the end of the sample.
+template <class T>
+__global__ void channelwise_backward_kernel(const T* __restrict gout, const T* __restrict x1,
+                                            int64_t s1, const T* __restrict x2, int64_t s2,
+                                            const T* __restrict w, int64_t sw, T* __restrict g1,
+                                            T* __restrict g2, T* __restrict gw, int64_t z,
+                                            Channelwise cw, const T* __restrict val,
+                                            const int* __restrict ijk, int dim1, int dim2,
+                                            int dim_out, int num_weights) {
+  extern __shared__ unsigned char smem_raw[];
+  T* sx2 = reinterpret_cast<T*>(smem_raw);
+  T* tab = sx2 + dim2;
+  T* sg1 = tab + cw.tab_total;
+  T* part = sg1 + dim1;  // [blockDim][dim2]
+  T* mine = part + threadIdx.x * dim2;
+  for (int64_t b = blockIdx.x; b < z; b += gridDim.x) {
+    load_row(x2 + b * s2, sx2, dim2);
+    zero(sg1, dim1);
+    for (int j = 0; j < dim2; ++j) mine[j] = 0;
+    __syncthreads();
+    build_tables(cw, val, sx2, tab);
+    __syncthreads();
+    const T* xrow = x1 + b * s1;
+    const T* wrow = w + b * sw;
+    const T* grow = gout + b * dim_out;
+    T* gwrow = gw + b * num_weights;
+    for (int q = 0; q < cw.num_paths; ++q) {
+      const DevPath p = cw.paths[q];
+      const T* t = tab + cw.tab_off[q];
+      for (int u = threadIdx.x; u < p.m1; u += blockDim.x) {
+        const T wu = wrow[p.woff + u];
+        const T* xu = xrow + p.off1 + u * p.d1;
+        const T* gu = grow + p.offo + u * p.d3;
+        T* g1u = sg1 + p.off1 + u * p.d1;
+        T dw = 0;
+        for (int i = 0; i < p.d1; ++i) {
+          T h = 0;
+          for (int k = 0; k < p.d3; ++k) h += t[i * p.d3 + k] * gu[k];
+          g1u[i] += wu * h;
+          dw += xu[i] * h;
+        }
+        gwrow[p.woff + u] = dw;
+        for (int n = p.cg_begin; n < p.cg_end; ++n)
+          mine[p.off2 + ijk[3 * n + 1]] += wu * val[n] * xu[ijk[3 * n]] * gu[ijk[3 * n + 2]];
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < dim1; e += blockDim.x) g1[b * dim1 + e] = sg1[e];
+    for (int j = threadIdx.x; j < dim2; j += blockDim.x) {
+      T s = 0;
+      for (int t2 = 0; t2 < blockDim.x; ++t2) s += part[t2 * dim2 + j];
+      g2[b * dim2 + j] = s;
+    }
+    __syncthreads();
+  }
+}
+
 // Validated plans, keyed by the identity and version of the plan tensors: the tables are copied
 // to the host and checked once, not on every call.
 struct PlanKey {
@@ -404,7 +526,69 @@ struct DevicePlan {
   at::Tensor ijk;
   int num_paths = 0;
   Sizes sizes{1, 1};
+  // channelwise route (see above); `cw_tables` holds tab_off, seg, ent_n, ent_x2 back to back
+  bool channelwise = false;
+  at::Tensor cw_tables;
+  int tab_total = 0, max_m = 1;
+  Channelwise view() const {
+    const int* base = cw_tables.data_ptr<int32_t>();
+    const int ents = static_cast<int>((cw_tables.numel() - num_paths - tab_total - 1) / 2);
+    return Channelwise{reinterpret_cast<const DevPath*>(paths.data_ptr<int32_t>()),
+                       num_paths,
+                       base,
+                       base + num_paths,
+                       base + num_paths + tab_total + 1,
+                       base + num_paths + tab_total + 1 + ents,
+                       tab_total};
+  }
 };
+
+// The channelwise route's tables: per path a d1 x d3 table whose entry (i, k) sums the
+// coefficients C[i, j, k] x2[off2 + j], listed entry by entry.
+void plan_channelwise(const Plan<double>& plan, DevicePlan& dp, const at::Device& device) {
+  // The kernels write every output and every weight gradient exactly once: check that they can.
+  std::vector<char> owned(plan.dim_out, 0), weights(plan.num_weights, 0);
+  for (const Path& p : plan.paths) {
+    if (p.mode != tp::kUVU || p.m2 != 1 || p.woff < 0) return;
+    for (int64_t e = p.offo; e < p.offo + p.mo * p.d3; ++e) {
+      if (owned[e]) return;  // two paths write one output block: generic route
+      owned[e] = 1;
+    }
+    for (int64_t e = p.woff; e < p.woff + p.m1; ++e) {
+      if (weights[e]) return;
+      weights[e] = 1;
+    }
+  }
+  auto all_set = [](const std::vector<char>& v) {
+    return std::find(v.begin(), v.end(), 0) == v.end();
+  };
+  if (!all_set(owned) || !all_set(weights)) return;
+  std::vector<int32_t> tab_off, seg{0}, ent_n, ent_x2;
+  int64_t total = 0;
+  for (const Path& p : plan.paths) {
+    tab_off.push_back(static_cast<int32_t>(total));
+    for (int64_t i = 0; i < p.d1; ++i)
+      for (int64_t k = 0; k < p.d3; ++k) {
+        for (int64_t n = p.cg_begin; n < p.cg_end; ++n) {
+          const int32_t* q = &plan.ijk[3 * n];
+          if (q[0] == i && q[2] == k) {
+            ent_n.push_back(static_cast<int32_t>(n));
+            ent_x2.push_back(static_cast<int32_t>(p.off2 + q[1]));
+          }
+        }
+        seg.push_back(static_cast<int32_t>(ent_n.size()));
+      }
+    total += p.d1 * p.d3;
+    dp.max_m = std::max<int>(dp.max_m, static_cast<int>(p.m1));
+  }
+  std::vector<int32_t> all(tab_off);
+  all.insert(all.end(), seg.begin(), seg.end());
+  all.insert(all.end(), ent_n.begin(), ent_n.end());
+  all.insert(all.end(), ent_x2.begin(), ent_x2.end());
+  dp.cw_tables = at::tensor(all, at::kInt).to(device);
+  dp.tab_total = static_cast<int>(total);
+  dp.channelwise = true;
+}
 
 const DevicePlan& device_plan(const at::Tensor& paths, const at::Tensor& blocks,
                               const at::Tensor& cg_ijk, const at::Tensor& cg_val, int64_t dim1,
@@ -437,6 +621,7 @@ const DevicePlan& device_plan(const at::Tensor& paths, const at::Tensor& blocks,
   dp.paths = at::tensor(rows.empty() ? std::vector<int32_t>{0} : rows, at::kInt).to(device);
   dp.ijk = cg_ijk.to(device).contiguous();
   dp.sizes = Sizes{static_cast<int>(dd), static_cast<int>(chan)};
+  if (!plan.paths.empty()) plan_channelwise(plan, dp, device);
   if (cache.size() > 256) cache.clear();
   return cache.emplace(key, std::move(dp)).first->second;
 }
@@ -447,6 +632,9 @@ int grid_size(int64_t z) {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(z, int64_t(sms) * 16)));
 }
+
+// Threads per block of the channelwise route: the channels, rounded up to whole warps.
+int channel_threads(const DevicePlan& dp) { return std::min(256, (dp.max_m + 31) / 32 * 32); }
 
 template <class K>
 void set_smem(K kernel, size_t bytes) {
@@ -472,6 +660,17 @@ at::Tensor tp_forward_cuda(const at::Tensor& x1_, const at::Tensor& x2_, const a
   auto val = cg_val.to(x1.device(), x1.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_fwd_cuda", [&] {
     using T = scalar_t;
+    if (dp.channelwise) {
+      const size_t smem = sizeof(T) * (x2.size(1) + dp.tab_total);
+      set_smem(channelwise_forward_kernel<T>, smem);
+      channelwise_forward_kernel<T>
+          <<<grid_size(z), channel_threads(dp), smem, c10::cuda::getCurrentCUDAStream()>>>(
+              x1.data_ptr<T>(), x1.size(0) == 1 ? 0 : x1.size(1), x2.data_ptr<T>(),
+              x2.size(0) == 1 ? 0 : x2.size(1), w.data_ptr<T>(), w.size(0) == 1 ? 0 : w.size(1),
+              out.data_ptr<T>(), z, dp.view(), val.data_ptr<T>(), x2.size(1), out_dim);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const size_t smem =
         sizeof(T) * (x1.size(1) + x2.size(1) + out_dim + dp.sizes.dd + dp.sizes.chan);
     set_smem(forward_kernel<T>, smem);
@@ -503,6 +702,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cuda(
     auto val = cg_val.to(x1.device(), x1.scalar_type()).contiguous();
     AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_bwd_cuda", [&] {
       using T = scalar_t;
+      if (dp.channelwise) {
+        const int threads = channel_threads(dp);
+        const size_t smem = sizeof(T) * (d2 + dp.tab_total + d1 + size_t(threads) * d2);
+        set_smem(channelwise_backward_kernel<T>, smem);
+        channelwise_backward_kernel<T>
+            <<<grid_size(z), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+                gout.data_ptr<T>(), x1.data_ptr<T>(), x1.size(0) == 1 ? 0 : d1, x2.data_ptr<T>(),
+                x2.size(0) == 1 ? 0 : d2, w.data_ptr<T>(), w.size(0) == 1 ? 0 : dw,
+                g1.data_ptr<T>(), g2.data_ptr<T>(), gw.data_ptr<T>(), z, dp.view(),
+                val.data_ptr<T>(), dp.ijk.data_ptr<int32_t>(), d1, d2, out_dim, dw);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       const size_t smem =
           sizeof(T) * (2 * d1 + 2 * d2 + out_dim + 2 * dp.sizes.dd + 2 * dp.sizes.chan);
       set_smem(backward_kernel<T>, smem);
