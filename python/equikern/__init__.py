@@ -8,12 +8,14 @@ import torch  # noqa: F401  (must be imported before _C: it provides libtorch)
 from equikern import _C  # noqa: F401
 from equikern import ops as _ops  # noqa: F401  (registers fake kernels and autograd)
 from equikern.e3nn import accelerate, from_e3nn
+from equikern.gaunt import gaunt_coefficients, gaunt_power, gaunt_product
 from equikern.irreps import Irrep, Irreps
 from equikern.nn import (
     ChannelwiseTensorProduct,
     ElementwiseTensorProduct,
     FullTensorProduct,
     FullyConnectedTensorProduct,
+    GauntTensorProduct,
     OrbitLinear,
     TensorProduct,
 )
@@ -36,12 +38,16 @@ __all__ = [
     "ElementwiseTensorProduct",
     "FullTensorProduct",
     "FullyConnectedTensorProduct",
+    "GauntTensorProduct",
     "Irrep",
     "Irreps",
     "OrbitLinear",
     "TensorProduct",
     "accelerate",
     "from_e3nn",
+    "gaunt_coefficients",
+    "gaunt_power",
+    "gaunt_product",
     "group_average",
     "orbit_average",
     "orbit_broadcast",

@@ -1,5 +1,6 @@
 """Drop-in modules."""
 
+from equikern.nn.gaunt import GauntTensorProduct
 from equikern.nn.orbit import OrbitLinear
 from equikern.nn.tensor_product import (
     ChannelwiseTensorProduct,
@@ -16,6 +17,7 @@ __all__ = [
     "ElementwiseTensorProduct",
     "FullTensorProduct",
     "FullyConnectedTensorProduct",
+    "GauntTensorProduct",
     "Instruction",
     "OrbitLinear",
     "TensorProduct",
