@@ -1,5 +1,6 @@
 """Drop-in modules."""
 
+from equikern.nn.cp import CPTensorProduct
 from equikern.nn.gaunt import GauntTensorProduct
 from equikern.nn.orbit import OrbitLinear
 from equikern.nn.tensor_product import (
@@ -13,6 +14,7 @@ from equikern.nn.tensor_product import (
 )
 
 __all__ = [
+    "CPTensorProduct",
     "ChannelwiseTensorProduct",
     "ElementwiseTensorProduct",
     "FullTensorProduct",
