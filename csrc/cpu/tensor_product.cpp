@@ -43,6 +43,7 @@ at::Tensor tp_forward_cpu(const at::Tensor& x1_, const at::Tensor& x2_, const at
       tp::Scratch<T> scratch(plan);
       for (int64_t b = begin; b < end; ++b)
         tp::forward_sample(plan, p1 + b * s1, p2 + b * s2, pw + b * sw, po + b * out_dim, scratch);
+      tp::stream_fence();
     });
   });
   return out;

@@ -21,6 +21,10 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -326,6 +330,28 @@ inline void contract_first(const Plan<T>& plan, const Path& p, const T* x1, int6
   }
 }
 
+// Copies n values to dst with non-temporal stores where the CPU has them; callers issue
+// stream_fence() before other threads read dst.
+template <class T>
+inline void stream_store(const T* __restrict src, T* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0) dst[i] = src[i], ++i;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  } else if constexpr (std::is_same_v<T, double>) {
+    for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 // out(k, o) += sum_i t[i,k] y(i, o) for all i, k; y is [d1][n], out rows have stride ld.
@@ -434,14 +460,18 @@ template <class T>
 void forward_sample(const Plan<T>& plan, const T* x1, const T* x2, const T* w, T* out,
                     Scratch<T>& s) {
   if (plan.channelwise) {
-    for (const auto& [begin, end] : plan.zero_runs) std::fill(out + begin, out + end, T(0));
+    // The row is built in cache-resident scratch, then streamed out: writing the output
+    // directly would first read every line of it from memory (write-allocate).
+    T* row = s.out.data();
+    for (const auto& [begin, end] : plan.zero_runs) std::fill(row + begin, row + end, T(0));
     T* t = s.a.data();
     for (size_t n = 0; n < plan.paths.size(); ++n) {
       const Path& p = plan.paths[n];
       contract_second(plan, p, x2 + p.off2, 1, t);
-      plan.kernels[n].forward(p.m1, p.d1, p.d3, x1 + p.off1, w + p.woff, t, out + p.offo,
+      plan.kernels[n].forward(p.m1, p.d1, p.d3, x1 + p.off1, w + p.woff, t, row + p.offo,
                               plan.overwrites[n]);
     }
+    stream_store(row, out, plan.dim_out);
     return;
   }
   to_ir_mul(plan, 0, x1, s.x1.data());
