@@ -57,8 +57,9 @@ cuda-check:
 	$(CUDA_VENV)/bin/python -m pip install -q torch==$(CUDA_TORCH_VERSION) scikit-build-core numpy cmake ninja
 	PATH="$(abspath $(CUDA_VENV))/bin:$$PATH" EQUIKERN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 \
 	  $(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/cuda-check .
-	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "import torch, equikern; \
-	  assert torch.version.cuda; print('CUDA build of equikern imports; torch', torch.__version__)"
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "import torch, equikern; assert torch.version.cuda; \
+	  assert torch._C._dispatch_has_kernel_for_dispatch_key('equikern::tensor_product', 'CUDA'); \
+	  print('CUDA build of equikern imports with its CUDA kernels; torch', torch.__version__)"
 
 clean:
 	rm -rf build
