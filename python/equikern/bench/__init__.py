@@ -34,6 +34,7 @@ class Config:
     dtype: torch.dtype
     batch: int
     hardware: str  # "h100", "cuda" or "cpu": selects the published figures of anchors.json
+    batch_given: bool = True  # False: `batch` is the device default, a family may use its own size
 
 
 def _same(out: Tensor) -> Tensor:
@@ -74,6 +75,7 @@ class Case:
     floor_bytes: dict[str, int]
     reference: str = "e3nn"
     published: dict[str, dict[str, float]] = field(default_factory=dict)
+    batch: int | None = None  # the batch measured when the family chose its own, else the config's
 
 
 def io_floor(in_bytes: int, out_bytes: int) -> dict[str, int]:

@@ -236,7 +236,14 @@ def run_case(
 
 def _measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwidth) -> Row:
     row = Row(
-        case.family, case.label, cfg.batch, _dtype_name(cfg.dtype), mode, name, "error", params=case.params
+        case.family,
+        case.label,
+        case.batch or cfg.batch,
+        _dtype_name(cfg.dtype),
+        mode,
+        name,
+        "error",
+        params=case.params,
     )
     row.published_ms = case.published.get(name, {}).get(mode)
     row.floor_ms = case.floor_bytes[mode] / bandwidth * 1e3
@@ -382,6 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = args.device.type == "cuda"
+    args.batch_given = bool(args.batch) or args.quick
     args.batch = args.batch or [16 if args.quick else 50000 if gpu else 2000]
     args.modes = args.modes or list(MODES if gpu else MODES[:2])
     if set(args.modes) - set(MODES):
@@ -527,7 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hardware = hardware_of(args.device)
     allocator = keep_freed_memory() if hardware == "cpu" else "default"
     configs = [
-        Config(args.device, DTYPES[d], b, hardware) for b in args.batch for d in dict.fromkeys(args.dtype)
+        Config(args.device, DTYPES[d], b, hardware, args.batch_given)
+        for b in args.batch
+        for d in dict.fromkeys(args.dtype)
     ]
     family_errors: dict = {}
     work = [(cfg, case) for cfg in configs for case in select(all_cases(cfg, family_errors), args.problems)]
