@@ -6,6 +6,13 @@
 
 #include <ATen/ATen.h>
 
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
 #include "kernels/tensor_product.h"
 
 namespace equikern {
@@ -144,6 +151,59 @@ inline int64_t check_operands(const at::Tensor& x1, const at::Tensor& x2, const 
     TORCH_CHECK(gout->scalar_type() == x1.scalar_type(), "tensor_product: grad_out dtype differs");
   }
   return z;
+}
+
+// Plans are validated and built once per plan: keyed by the identity and version counter of the
+// plan tensors (an in-place edit bumps the version) and the operand sizes. A cache entry keeps
+// the tensors alive (`keep`), so their memory cannot be reused by other tables under the same key.
+struct PlanKey {
+  std::tuple<const void*, int64_t, const void*, int64_t, const void*, int64_t, const void*, int64_t,
+             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>
+      k;
+  PlanKey(const at::Tensor& paths, const at::Tensor& blocks, const at::Tensor& cg_ijk,
+          const at::Tensor& cg_val, int64_t dim1, int64_t dim2, int64_t dim_out,
+          int64_t num_weights, bool weighted_only)
+      : k{paths.data_ptr(),
+          paths._version(),
+          blocks.data_ptr(),
+          blocks._version(),
+          cg_ijk.data_ptr(),
+          cg_ijk._version(),
+          cg_val.data_ptr(),
+          cg_val._version(),
+          dim1,
+          dim2,
+          dim_out,
+          num_weights,
+          paths.size(0),
+          cg_ijk.size(0),
+          weighted_only} {}
+  bool operator<(const PlanKey& o) const { return k < o.k; }
+};
+
+inline std::vector<at::Tensor> keep(const at::Tensor& paths, const at::Tensor& blocks,
+                                    const at::Tensor& cg_ijk, const at::Tensor& cg_val) {
+  return {paths, blocks, cg_ijk, cg_val};
+}
+
+// The validated plan for these tables, built on first use.
+template <class T>
+std::shared_ptr<const Plan<T>> cached_plan(const at::Tensor& paths, const at::Tensor& blocks,
+                                           const at::Tensor& cg_ijk, const at::Tensor& cg_val,
+                                           int64_t dim1, int64_t dim2, int64_t dim_out,
+                                           int64_t num_weights, bool weighted_only) {
+  static std::mutex mutex;
+  static std::map<PlanKey, std::pair<std::shared_ptr<const Plan<T>>, std::vector<at::Tensor>>>
+      cache;
+  const PlanKey key(paths, blocks, cg_ijk, cg_val, dim1, dim2, dim_out, num_weights, weighted_only);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.first;
+  auto plan = std::make_shared<const Plan<T>>(
+      make_plan<T>(paths, blocks, cg_ijk, cg_val, dim1, dim2, dim_out, num_weights, weighted_only));
+  if (cache.size() > 256) cache.clear();
+  cache.emplace(key, std::make_pair(plan, keep(paths, blocks, cg_ijk, cg_val)));
+  return plan;
 }
 
 }  // namespace equikern

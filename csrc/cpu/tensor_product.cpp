@@ -30,8 +30,9 @@ at::Tensor tp_forward_cpu(const at::Tensor& x1_, const at::Tensor& x2_, const at
   if (z == 0 || out_dim == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_fwd", [&] {
     using T = scalar_t;
-    const Plan<T> plan = make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
-                                      out_dim, w.size(1), weighted_only);
+    const auto plan_ptr = cached_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
+                                         out_dim, w.size(1), weighted_only);
+    const Plan<T>& plan = *plan_ptr;
     const T* p1 = x1.data_ptr<T>();
     const T* p2 = x2.data_ptr<T>();
     const T* pw = w.data_ptr<T>();
@@ -62,8 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
   const int64_t out_dim = gout.size(1);
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "tensor_product_bwd", [&] {
     using T = scalar_t;
-    const Plan<T> plan = make_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
-                                      out_dim, w.size(1), weighted_only);
+    const auto plan_ptr = cached_plan<T>(paths, blocks, cg_ijk, cg_val, x1.size(1), x2.size(1),
+                                         out_dim, w.size(1), weighted_only);
+    const Plan<T>& plan = *plan_ptr;
     const bool b1 = x1.size(0) == 1 && z > 1, b2 = x2.size(0) == 1 && z > 1,
                bw = w.size(0) == 1 && z > 1;
     const int64_t d1 = x1.size(1), d2 = x2.size(1), dw = w.size(1);

@@ -512,15 +512,7 @@ __global__ void channelwise_backward_kernel(const T* __restrict gout, const T* _
   }
 }
 
-// Validated plans, keyed by the identity and version of the plan tensors: the tables are copied
-// to the host and checked once, not on every call.
-struct PlanKey {
-  std::tuple<const void*, int64_t, const void*, int64_t, const void*, int64_t, const void*, int64_t,
-             int64_t, int64_t, int64_t, int64_t, int64_t>
-      k;
-  bool operator<(const PlanKey& o) const { return k < o.k; }
-};
-
+// The device form of a validated plan (see PlanKey in tensor_product_plan.h).
 struct DevicePlan {
   at::Tensor paths;  // DevPath rows (int32) on the device
   at::Tensor ijk;
@@ -530,6 +522,7 @@ struct DevicePlan {
   bool channelwise = false;
   at::Tensor cw_tables;
   int tab_total = 0, max_m = 1;
+  std::vector<at::Tensor> keep;  // the plan tensors of the key (see PlanKey)
   Channelwise view() const {
     const int* base = cw_tables.data_ptr<int32_t>();
     const int ents = static_cast<int>((cw_tables.numel() - num_paths - tab_total - 1) / 2);
@@ -596,9 +589,7 @@ const DevicePlan& device_plan(const at::Tensor& paths, const at::Tensor& blocks,
                               const at::Device& device) {
   static std::mutex mutex;
   static std::map<PlanKey, DevicePlan> cache;
-  PlanKey key{{paths.data_ptr(), paths._version(), blocks.data_ptr(), blocks._version(),
-               cg_ijk.data_ptr(), cg_ijk._version(), cg_val.data_ptr(), cg_val._version(), dim1,
-               dim2, dim_out, num_weights, paths.size(0) * 1000003 + cg_ijk.size(0)}};
+  const PlanKey key(paths, blocks, cg_ijk, cg_val, dim1, dim2, dim_out, num_weights, false);
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -622,6 +613,7 @@ const DevicePlan& device_plan(const at::Tensor& paths, const at::Tensor& blocks,
   dp.ijk = cg_ijk.to(device).contiguous();
   dp.sizes = Sizes{static_cast<int>(dd), static_cast<int>(chan)};
   if (!plan.paths.empty()) plan_channelwise(plan, dp, device);
+  dp.keep = keep(paths, blocks, cg_ijk, cg_val);
   if (cache.size() > 256) cache.clear();
   return cache.emplace(key, std::move(dp)).first->second;
 }
