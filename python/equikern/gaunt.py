@@ -11,8 +11,13 @@ Methods:
   pointwise and projected back, in one fused op that never holds the grid (O(L^3) per channel).
 - ``fourier``: the paper's method (Luo et al., ICLR 2024): coefficients in the 2D Fourier basis
   e^{i(u theta + v phi)}, product by FFT convolution, back by the exact projection. Plain torch.
-- ``dense``: the contraction with the dense Gaunt tensor. Plain torch.
-- ``auto``: ``grid``, the fastest on the CPU at every degree measured (L = 2, 4, 6, 8).
+- ``dense``: the direct contraction with the nonzero Gaunt coefficients (O(L^5) entries, but few at small
+  L: 83 at L1 = L2 = Lout = 2), in one C++ op with a fused backward.
+- ``auto``: whichever of ``grid`` and ``dense`` :func:`choose_method` predicts to be faster (a cost model
+  calibrated on the CPU, see there).
+
+The C++ ops read e3nn's flat layout directly (``flat=True``), which is how
+:class:`equikern.nn.GauntTensorProduct` calls them: no gathers between layouts.
 
 Plans (grid factors, conversion matrices, Gaunt tensors) are computed on first use and cached.
 """
@@ -128,6 +133,60 @@ def gaunt_coefficients(l1: int, l2: int, l3: int, lmax: bool = False) -> Tensor:
 
 
 @functools.cache
+def _dense_np(l1: int, l2: int, l3: int) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero Gaunt coefficients as (index [nnz, 3] = (i, j, k), value [nnz]), grouped by k."""
+    g = _gaunt_np(l1, l2, l3)
+    index = np.argwhere(g)
+    index = index[np.lexsort((index[:, 1], index[:, 0], index[:, 2]))]
+    return index, g[tuple(index.T)]
+
+
+def dense_plan(l1: int, l2: int, lmax_out: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """(index, value) of the nonzero Gaunt coefficients for degrees up to l1, l2 -> lmax_out, as tensors."""
+    key = ("dense", l1, l2, lmax_out, dtype, torch.device(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        index, value = _dense_np(l1, l2, lmax_out)
+        plan = (
+            torch.tensor(index, dtype=torch.int64, device=device),
+            torch.tensor(value, dtype=dtype, device=device),
+        )
+        _PLANS[key] = plan
+    return plan
+
+
+def _grid_work(l1: int, l2: int, lout: int) -> int:
+    """Multiply-adds per row of the fused grid product: Legendre steps on every ring, phi steps on half."""
+    degree = l1 + l2 + lout
+    n_phi, n_theta = degree + 1, degree // 2 + 1
+    legendre = n_theta * ((l1 + 1) ** 2 + (l2 + 1) ** 2 + (lout + 1) ** 2)
+    phi = n_theta * (n_phi // 2 + 1) * (2 * (l1 + l2 + lout) + 3)
+    return legendre + phi
+
+
+# Cost of a dense entry relative to a grid multiply-add on the CPU, per dtype (see choose_method).
+DENSE_ENTRY_COST = {torch.float32: 0.7, torch.float64: 0.95}
+
+
+@functools.cache
+def choose_method(l1: int, l2: int, lmax_out: int, dtype: torch.dtype = torch.float32) -> str:
+    """The method "auto" runs: "dense" when its entries cost less than the grid's multiply-adds.
+
+    Both costs are per row (one channel of one sample) and both kernels run over the same blocks of rows,
+    so the choice does not depend on N or C. Measured with both forward ops on the flat layout (N = 1000,
+    C = 32, medians of interleaved runs, 2-core AMD EPYC, 2026-11-23) over 41 degree triples with l1 <= 8,
+    l2 in {1, 2, l1}, lmax_out in {l1, l1 + l2}: dense is 0.3x to 0.8x the grid's time up to
+    entries / multiply-adds = 0.93 ((5, 5, 8)) in both dtypes. Beyond, float32 dense stays ahead at 1.20
+    ((6, 6, 6): 10.0 vs 11.8 ms through the module) and 1.32 ((6, 6, 8): 0.96x) and falls behind from 1.60
+    ((7, 7, 7): 1.1x to 1.3x; (8, 8, 8): 1.5x); float64 dense falls behind already at 1.20 ((6, 6, 6):
+    18.5 vs 16.0 ms). Each threshold sits between its last win and first loss.
+    """
+    nnz = len(_dense_np(l1, l2, lmax_out)[1])
+    cost = DENSE_ENTRY_COST.get(dtype, DENSE_ENTRY_COST[torch.float32])
+    return "dense" if cost * nnz <= _grid_work(l1, l2, lmax_out) else "grid"
+
+
+@functools.cache
 def _fourier_np(l1: int, l2: int, lmax_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(F1 [d1, S1, S1], F2, B [Sh^2, d_out]) complex: Y = sum F[u, v] e^{i(u theta + v phi)} on the torus.
 
@@ -205,15 +264,45 @@ def gaunt_product(x1: Tensor, x2: Tensor, lmax_out: int | None = None, method: s
         ) from e
     a = x1.expand(batch + x1.shape[-2:]).reshape(-1, c1, x1.shape[-1])
     b = x2.expand(batch + x2.shape[-2:]).reshape(-1, c2, x2.shape[-1])
-    if method in ("auto", "grid"):
-        pa, pb, pc, trig = grid_plan((l1, l2), lout, l1 + l2 + lout, a.dtype, a.device)
-        out = _ops.gaunt_grid_product(a, b, pa, pb, pc, trig)
-    elif method == "fourier":
-        out = _fourier_product(a, b, l1, l2, lout)
-    else:
-        g = torch.tensor(_gaunt_np(l1, l2, lout), dtype=a.dtype, device=a.device)
-        out = torch.einsum("nci,ncj,ijk->nck", a, b.expand(-1, c1, -1), g)
+    out = product(a, b, l1, l2, lout, method)
     return out.reshape(batch + (c1, out.shape[-1]))
+
+
+def product(a: Tensor, b: Tensor, l1: int, l2: int, lout: int, method: str, flat: bool = False) -> Tensor:
+    """The Gaunt product of checked operands a [N, C, (l1+1)^2] and b [N, C or 1, (l2+1)^2], laid out as
+    the C++ ops take them (see :mod:`equikern.ops.gaunt`); the output is in the same layout.
+    """
+    if method == "auto":
+        method = choose_method(l1, l2, lout, a.dtype)
+    if method == "grid":
+        pa, pb, pc, trig = grid_plan((l1, l2), lout, l1 + l2 + lout, a.dtype, a.device)
+        return _ops.gaunt_grid_product(a, b, pa, pb, pc, trig, flat)
+    if method == "dense":
+        index, value = dense_plan(l1, l2, lout, a.dtype, a.device)
+        return _ops.gaunt_dense_product(a, b, index, value, lout, flat)
+    if not flat:
+        return _fourier_product(a, b, l1, l2, lout)
+    n, c, cb = a.shape[0], a.shape[1], b.shape[1]
+    a = a.reshape(n, a[0].numel())[:, flat_index(c, l1, a.device)]
+    b = b.reshape(n, b[0].numel())[:, flat_index(cb, l2, b.device)]
+    out = _fourier_product(a, b, l1, l2, lout)
+    return out.reshape(n, out[0].numel())[:, channel_index(c, lout, out.device)].unflatten(1, (c, -1))
+
+
+@functools.cache
+def flat_index(channels: int, lmax: int, device=None) -> Tensor:
+    """[C, (L+1)^2]: position in e3nn's flat layout (blocks [C, 2l+1] per degree) of coefficient (c, lm)."""
+    blocks = [
+        channels * l * l + torch.arange(channels)[:, None] * (2 * l + 1) + torch.arange(2 * l + 1)[None, :]
+        for l in range(lmax + 1)
+    ]
+    return torch.cat(blocks, dim=1).to(device)
+
+
+@functools.cache
+def channel_index(channels: int, lmax: int, device=None) -> Tensor:
+    """[C (L+1)^2]: the inverse of flat_index, position in the channel layout of each flat position."""
+    return torch.argsort(flat_index(channels, lmax).reshape(-1)).to(device)
 
 
 def _fourier_product(a: Tensor, b: Tensor, l1: int, l2: int, lout: int) -> Tensor:

@@ -5,6 +5,8 @@ uuu CG product on the even paths, weighted by the Gaunt/3j ratio of each path: e
 e3nn_grid (ToS2Grid/FromS2Grid product at the smallest exact resolution) and torch_fft (the paper's 2D
 Fourier method, equikern.gaunt's "fourier"). C = 32 on a CPU (the anchors' 128 elsewhere); by default a CPU
 run measures N = 1000 and L <= 6, the sizes of the CPU targets (e3nn's CG product takes seconds at L = 8).
+equikern runs GauntTensorProduct(method="auto") on the flat layout itself; e3nn_grid and torch_fft get their
+inputs in the channel layout, converted outside the timed call.
 """
 
 import torch
@@ -32,15 +34,15 @@ def cases(cfg: Config) -> list[Case]:
 
 
 def _case(row: dict, cfg: Config) -> Case:
-    from equikern.gaunt import gaunt_coefficients, gaunt_product
-    from equikern.nn.gaunt import GauntTensorProduct, _flat_index
+    from equikern.gaunt import choose_method, flat_index, gaunt_coefficients, gaunt_product
+    from equikern.nn.gaunt import GauntTensorProduct
     from equikern.so3 import wigner_3j
 
     L = row["L"]
     C = _CPU_CHANNELS if cfg.hardware == "cpu" else row["C"]
     irreps, batch, d = _irreps(C, L), cfg.batch, (L + 1) ** 2
     like = {"device": cfg.device, "dtype": cfg.dtype}
-    index = _flat_index(C, L).to(cfg.device)
+    index = flat_index(C, L).to(cfg.device)
     inverse = torch.argsort(index.reshape(-1))
 
     def inputs() -> tuple[Tensor, ...]:
@@ -92,7 +94,13 @@ def _case(row: dict, cfg: Config) -> Case:
     return Case(
         family=FAMILY,
         label=f"gaunt-L{L}",
-        params={"L": L, "C": C, "irreps": str(irreps), "paths": row["paths"]},
+        params={
+            "L": L,
+            "C": C,
+            "irreps": str(irreps),
+            "paths": row["paths"],
+            "method": choose_method(L, L, L, cfg.dtype),  # what equikern's "auto" runs
+        },
         inputs=inputs,
         impls={"equikern": equikern_impl, "e3nn_cg": e3nn_cg, "e3nn_grid": e3nn_grid, "torch_fft": torch_fft},
         floor_bytes=io_floor(2 * batch * C * d * itemsize, batch * C * d * itemsize),
