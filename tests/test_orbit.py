@@ -435,3 +435,97 @@ def test_group_average_makes_any_function_equivariant():
         group_average(lambda t: net(t).sum(-2), permute(x, g), elements, invariant=True), inv
     )
     assert permute(x, elements).shape == (len(elements), 4, n, 2)
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+
+def test_ops_under_torch_compile_fullgraph():
+    """Every orbit op traces into one graph (fake kernels, autograd) and matches eager, with gradients."""
+    gen = torch.Generator().manual_seed(10)
+    ids, num = orbits(torch.tensor([cycle(6), reflection(6)]), 2)
+    slots = torch.randint(0, 3, (6, 6), generator=gen)
+    table = torch.randn(num, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 6, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def fn(x, y, table):
+        pooled = orbit_pool(x, ids, num, "sum", dim=1) + orbit_pool(x, ids, num, "max", dim=1)
+        spread = orbit_broadcast(pooled * orbit_pool(x, ids, num, "mean", dim=1), ids, dim=1)
+        edge = orbital_embedding(ids, table)  # [6, 6, 3]
+        a = ops.orbital_pool(y, slots, 3)  # [2, 6, 3, 3]
+        return (spread + edge).sum() + (a * a).sum() + orbit_average(x, ids, num, dim=1).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)  # inductor: the ops stay opaque calls in its code
+    want, got = fn(x, y, table), compiled(x, y, table)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, (x, y, table)), torch.autograd.grad(want, (x, y, table))
+    )
+
+
+def test_orbit_linear_under_torch_compile_fullgraph():
+    torch.manual_seed(11)
+    for gens, route in (
+        ([cycle(6)], "fft"),
+        (young([2, 3]), "orbital"),
+        ([cycle(5), transposition(5)], "auto"),
+    ):
+        gens = torch.tensor(gens)
+        layer = OrbitLinear(gens, 3, 2, route=route).double()
+        x = torch.randn(4, gens.shape[1], 3, dtype=torch.float64, requires_grad=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        want, got = layer(x), compiled(x)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, x, g), torch.autograd.grad(want, x, g))
+
+
+# ---- the benchmark family ------------------------------------------------------------------------
+
+
+def test_bench_family_quick_run(tmp_path):
+    import json
+
+    from equikern.bench import __main__ as bench
+
+    problems = "orbit-pool-S_n,orbit-pool-D_n-max,orbit-pool-pairs-C_n,orbit-linear-C_n"
+    argv = ["--quick", "--batch", "1", "--device", "cpu", "--problems", problems, "--out", str(tmp_path)]
+    assert bench.main(argv + ["--modes", "fwd,fwdbwd", "--dtype", "float64"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {(r["problem"], r["mode"], r["impl"]): r for r in rows}
+    refs = {"orbit-pool-D_n-max": "scatter_reduce", "orbit-linear-C_n": "dense"}
+    for problem in problems.split(","):
+        for mode in ("fwd", "fwdbwd"):
+            assert by[problem, mode, refs.get(problem, "index_add")]["status"] == "ref"
+            ours = by[problem, mode, "equikern"]
+            assert ours["status"] == "ok" and ours["max_rel_err"] <= 1e-10, ours
+            assert ours["median_ms"] > 0 and ours["floor_ms"] > 0 and ours["speedup"]
+    assert by["orbit-pool-S_n", "fwd", "equikern"]["params"]["M"] == 1
+    assert by["orbit-linear-C_n", "fwd", "equikern_orbital"]["status"] == "ok"
+
+
+def test_bench_family_ids_and_planning_targets():
+    from equikern.bench import Config, anchors
+    from equikern.bench import orbit as family
+
+    rows = [r for r in anchors()["orbit"]["rows"] if r["op"] == "orbit_pool_points"]
+    for row in rows:
+        ids, _ = family.point_ids(
+            row["group"], 24, {"S_n": 1, "D_n": 13, "C_n": 24, "trivial": 24}[row["group"]]
+        )
+        assert ids.shape == (24,)
+    # the D_n ids pair j with -j: the orbits of the reflection fixing point 0
+    ids, _ = family.point_ids("D_n", 24, 13)
+    assert torch.equal(ids, ids[torch.tensor(reflection(24))])
+    with pytest.raises(ValueError, match="M=5"):
+        family.point_ids("C_n", 24, 5)
+    cfg = Config(torch.device("cpu"), torch.float32, 2000, "cpu", batch_given=False)
+    cases = {c.label: c for c in family.cases(cfg)}
+    assert cases["orbit-pool-C_n"].batch == 2 and cases["orbit-pool-pairs-C_n"].batch == 8
+    for row in rows:
+        assert cases[f"orbit-pool-{row['group']}"].params["M"] == row["M"]
+    for result in family.planning(reps=2):  # checks the ids against their closed forms first
+        assert result["median_s"] > 0

@@ -30,6 +30,27 @@ void check_features(const at::Tensor& x, const char* op, const char* name, int64
   TORCH_CHECK(x.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", x.sizes());
 }
 
+}  // namespace
+
+// Shared with the CUDA build (csrc/cuda/orbit.cu), which validates its plans and generators on the
+// host too, so that both backends reject bad input with the same message.
+void check_ids_in_range(const int64_t* p, int64_t N, int64_t M, const char* op, const char* name) {
+  for (int64_t e = 0; e < N; ++e)
+    TORCH_CHECK(p[e] >= 0 && p[e] < M, op, ": ", name, "[", e, "] = ", p[e],
+                " is out of range [0, ", M, ")");
+}
+
+void check_permutations(const int64_t* g, int64_t r, int64_t n) {
+  const orbit::PermDefect d = orbit::find_perm_defect(g, r, n);
+  if (d.row < 0) return;
+  TORCH_CHECK(d.repeated, "orbits: generators[", d.row, ", ", d.col, "] = ", d.value,
+              " is out of range [0, ", n, ")");
+  TORCH_CHECK(false, "orbits: generators[", d.row, "] is not a permutation (", d.value,
+              " appears twice)");
+}
+
+namespace {
+
 // ids: int64 [N] with every value in [0, M).
 at::Tensor checked_ids(const at::Tensor& ids, const char* op, const char* name, int64_t N,
                        int64_t M) {
@@ -39,10 +60,7 @@ at::Tensor checked_ids(const at::Tensor& ids, const char* op, const char* name, 
   TORCH_CHECK(ids.numel() == N, op, ": ", name, " has ", ids.numel(), " entries, expected ", N);
   TORCH_CHECK(M >= 0, op, ": num_orbits must be >= 0, got ", M);
   auto c = ids.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  for (int64_t e = 0; e < N; ++e)
-    TORCH_CHECK(p[e] >= 0 && p[e] < M, op, ": ", name, "[", e, "] = ", p[e],
-                " is out of range [0, ", M, ")");
+  check_ids_in_range(c.data_ptr<int64_t>(), N, M, op, name);
   return c;
 }
 
@@ -61,16 +79,7 @@ at::Tensor orbit_ids_cpu(const at::Tensor& gens_, int64_t k) {
   }
   auto gens = gens_.contiguous();
   const int64_t* g = gens.data_ptr<int64_t>();
-  std::vector<int64_t> seen(n, -1);
-  for (int64_t a = 0; a < r; ++a)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = g[a * n + i];
-      TORCH_CHECK(v >= 0 && v < n, "orbits: generators[", a, ", ", i, "] = ", v,
-                  " is out of range [0, ", n, ")");
-      TORCH_CHECK(seen[v] != a, "orbits: generators[", a, "] is not a permutation (", v,
-                  " appears twice)");
-      seen[v] = a;
-    }
+  check_permutations(g, r, n);
   auto ids = at::empty({total}, gens.options());
   orbit::orbit_ids(g, r, n, k, ids.data_ptr<int64_t>());
   return ids;

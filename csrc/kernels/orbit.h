@@ -9,12 +9,39 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <utility>
 #include <vector>
 
+// The per-task reductions below run as CUDA device code too (csrc/cuda/orbit.cu) and stay plain
+// host functions for the CPU build.
+#if defined(__CUDACC__)
+#define EQUIKERN_HD __host__ __device__
+#else
+#define EQUIKERN_HD
+#endif
+
 namespace equikern::orbit {
+
+// The first defect of r rows of n entries read as permutations of 0..n-1 (row < 0: none).
+struct PermDefect {
+  int64_t row = -1, col = -1, value = 0;
+  bool repeated = false;  // value in range but already seen in the row
+};
+
+inline PermDefect find_perm_defect(const int64_t* g, int64_t r, int64_t n) {
+  std::vector<int64_t> seen(n, -1);
+  for (int64_t a = 0; a < r; ++a)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = g[a * n + i];
+      if (v < 0 || v >= n) return {a, i, v, false};
+      if (seen[v] == a) return {a, i, v, true};
+      seen[v] = a;
+    }
+  return {};
+}
 
 // Rem's union-find with splicing, keeping parent[x] <= x: every root is the smallest tuple of its
 // set. That makes canonical numbering one forward pass with no find: parent[t] < t is already
@@ -82,6 +109,25 @@ inline void build_csr(const int64_t* ids, int64_t N, int64_t M, int64_t* ptr, in
   for (int64_t e = 0; e < N; ++e) members[fill[ids[e]]++] = e;
 }
 
+// The orbital aggregation as a CSR over input rows j: output row i*R + s gathers the rows j with
+// slots[i, j] == s (ascending j, the CPU's order). ptr [n*R+1], members [n*n].
+inline void orbital_csr(const int64_t* slots, int64_t n, int64_t R, int64_t* ptr,
+                        int64_t* members) {
+  std::vector<int64_t> keys(n * n);
+  for (int64_t e = 0; e < n * n; ++e) keys[e] = (e / n) * R + slots[e];
+  build_csr(keys.data(), n * n, n * R, ptr, members);
+  for (int64_t e = 0; e < n * n; ++e) members[e] %= n;  // element (i, j) -> input row j
+}
+
+// Its adjoint over input rows i*R + s of [n, R] gradients: output row j gathers i*R + slots[i, j]
+// for i = 0..n-1. ptr [n+1], members [n*n].
+inline void orbital_adjoint_csr(const int64_t* slots, int64_t n, int64_t R, int64_t* ptr,
+                                int64_t* members) {
+  for (int64_t j = 0; j <= n; ++j) ptr[j] = j * n;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < n; ++i) members[j * n + i] = i * R + slots[i * n + j];
+}
+
 // out[o, :] = sum (or mean) of x[m, :] over the members m of orbit o; empty orbits give 0.
 template <class T>
 inline void pool_row(const T* x, int64_t Q, const int64_t* mem, int64_t count, bool mean, T* out) {
@@ -141,6 +187,213 @@ inline void orbital_pool_backward_col(const T* g, int64_t n, int64_t R, int64_t 
 #pragma omp simd
     for (int64_t q = 0; q < Q; ++q) out[q] += row[q];
   }
+}
+
+// ---- segmented reductions (the GPU's layout) --------------------------------------------------
+//
+// An orbit with many members (S_n: one orbit of all n points) would leave all but a few GPU
+// threads idle if one task reduced it, so the CSR is cut into segments of at most `chunk` members.
+// A segment of an orbit that fits in one writes its output row directly (slot < 0); the segments
+// of a longer orbit write partial rows (slots first_slot, first_slot + 1, ...), which a second pass
+// combines in segment order. Every sum has a fixed order: results are reproducible bit for bit.
+
+struct Segment {
+  int64_t begin, end, orbit, slot;
+};
+
+struct Split {
+  int64_t orbit, first_slot, count;
+};
+
+// Segments of the CSR ptr [M+1] (every orbit gets at least one, so empty orbits are written);
+// returns the number of partial rows.
+inline int64_t plan_segments(const int64_t* ptr, int64_t M, int64_t chunk,
+                             std::vector<Segment>& segments, std::vector<Split>& splits) {
+  segments.clear();
+  splits.clear();
+  int64_t slots = 0;
+  for (int64_t o = 0; o < M; ++o) {
+    const int64_t begin = ptr[o], end = ptr[o + 1];
+    if (end - begin <= chunk) {
+      segments.push_back({begin, end, o, -1});
+      continue;
+    }
+    const int64_t count = (end - begin + chunk - 1) / chunk;
+    splits.push_back({o, slots, count});
+    for (int64_t c = 0; c < count; ++c)
+      segments.push_back({begin + c * chunk, std::min(end, begin + (c + 1) * chunk), o, slots + c});
+    slots += count;
+  }
+  return slots;
+}
+
+// V elements at once: one 16-byte load or store where the caller has checked the alignment.
+template <int V, class T>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, class T>
+EQUIKERN_HD inline Pack<V, T> load(const T* p) {
+  return *reinterpret_cast<const Pack<V, T>*>(p);
+}
+
+template <int V, class T>
+EQUIKERN_HD inline void store(T* p, const Pack<V, T>& pack) {
+  *reinterpret_cast<Pack<V, T>*>(p) = pack;
+}
+
+// Everything a gather-reduction task reads and writes. Input rows: x [P, rows, Q]; output rows:
+// out [P, M, Q] (and arg for the max); partial rows: work [P, slots, Q] (and work_arg).
+template <class T, class Acc>
+struct Gather {
+  const T* x;
+  int64_t rows, Q, M, slots;
+  const int64_t* ptr;      // CSR [M+1]
+  const int64_t* members;  // CSR: input row of each member
+  const Segment* segments;
+  int64_t num_segments;
+  const Split* splits;
+  int64_t num_splits;
+  T* out;
+  int64_t* arg;
+  Acc* work;
+  int64_t* work_arg;
+  bool mean;
+};
+
+// Task t = (p, segment): lanes split the channels, each lane V channels at a time.
+template <int V, class T, class Acc>
+EQUIKERN_HD inline void sum_segment(const Gather<T, Acc>& a, int64_t t, int lane, int lanes) {
+  const int64_t p = t / a.num_segments;
+  const Segment s = a.segments[t % a.num_segments];
+  const T* x = a.x + p * a.rows * a.Q;
+  const int64_t count = a.ptr[s.orbit + 1] - a.ptr[s.orbit];
+  const Acc scale = a.mean && count > 0 ? Acc(1) / static_cast<Acc>(count) : Acc(1);
+  for (int64_t q = int64_t(lane) * V; q < a.Q; q += int64_t(lanes) * V) {
+    Acc acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = Acc(0);
+    for (int64_t e = s.begin; e < s.end; ++e) {
+      const Pack<V, T> row = load<V>(x + a.members[e] * a.Q + q);
+      for (int v = 0; v < V; ++v) acc[v] += static_cast<Acc>(row.v[v]);
+    }
+    if (s.slot < 0) {
+      Pack<V, T> o;
+      for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(a.mean ? acc[v] * scale : acc[v]);
+      store<V>(a.out + (p * a.M + s.orbit) * a.Q + q, o);
+    } else {
+      Acc* w = a.work + (p * a.slots + s.slot) * a.Q + q;
+      for (int v = 0; v < V; ++v) w[v] = acc[v];
+    }
+  }
+}
+
+// Task t = (p, split orbit): the sum of its partial rows, in segment order.
+template <int V, class T, class Acc>
+EQUIKERN_HD inline void sum_combine(const Gather<T, Acc>& a, int64_t t, int lane, int lanes) {
+  const int64_t p = t / a.num_splits;
+  const Split sp = a.splits[t % a.num_splits];
+  const int64_t count = a.ptr[sp.orbit + 1] - a.ptr[sp.orbit];
+  const Acc scale = Acc(1) / static_cast<Acc>(count);  // a split orbit is never empty
+  for (int64_t q = int64_t(lane) * V; q < a.Q; q += int64_t(lanes) * V) {
+    Acc acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = Acc(0);
+    for (int64_t c = 0; c < sp.count; ++c) {
+      const Acc* w = a.work + (p * a.slots + sp.first_slot + c) * a.Q + q;
+      for (int v = 0; v < V; ++v) acc[v] += w[v];
+    }
+    Pack<V, T> o;
+    for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(a.mean ? acc[v] * scale : acc[v]);
+    store<V>(a.out + (p * a.M + sp.orbit) * a.Q + q, o);
+  }
+}
+
+// The max of a segment with the CPU's rule (see max_row): the first member sets the value, later
+// ones replace it only when strictly greater, so NaN counts only as an orbit's first member. A
+// segment that does not start its orbit starts from -inf with no arg-max (-1), which the combine
+// skips: the same result as one sequential pass.
+template <int V, class T, class Acc>
+EQUIKERN_HD inline void max_segment(const Gather<T, Acc>& a, int64_t t, int lane, int lanes) {
+  const int64_t p = t / a.num_segments;
+  const Segment s = a.segments[t % a.num_segments];
+  const T* x = a.x + p * a.rows * a.Q;
+  const bool first = s.begin == a.ptr[s.orbit];
+  for (int64_t q = int64_t(lane) * V; q < a.Q; q += int64_t(lanes) * V) {
+    Acc best[V];
+    int64_t arg[V];
+    int64_t e = s.begin;
+    if (s.begin == s.end) {  // an empty orbit (only ever a whole, unsplit one)
+      for (int v = 0; v < V; ++v) best[v] = Acc(0), arg[v] = -1;
+    } else if (first) {
+      const int64_t m = a.members[e++];
+      const Pack<V, T> row = load<V>(x + m * a.Q + q);
+      for (int v = 0; v < V; ++v) best[v] = static_cast<Acc>(row.v[v]), arg[v] = m;
+    } else {
+      for (int v = 0; v < V; ++v) best[v] = static_cast<Acc>(-INFINITY), arg[v] = -1;
+    }
+    for (; e < s.end; ++e) {
+      const int64_t m = a.members[e];
+      const Pack<V, T> row = load<V>(x + m * a.Q + q);
+      for (int v = 0; v < V; ++v) {
+        const Acc value = static_cast<Acc>(row.v[v]);
+        if (value > best[v]) best[v] = value, arg[v] = m;
+      }
+    }
+    if (s.slot < 0) {
+      Pack<V, T> o;
+      for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(best[v]);
+      store<V>(a.out + (p * a.M + s.orbit) * a.Q + q, o);
+      int64_t* ao = a.arg + (p * a.M + s.orbit) * a.Q + q;
+      for (int v = 0; v < V; ++v) ao[v] = arg[v];
+    } else {
+      const int64_t row = (p * a.slots + s.slot) * a.Q + q;
+      for (int v = 0; v < V; ++v) a.work[row + v] = best[v], a.work_arg[row + v] = arg[v];
+    }
+  }
+}
+
+template <int V, class T, class Acc>
+EQUIKERN_HD inline void max_combine(const Gather<T, Acc>& a, int64_t t, int lane, int lanes) {
+  const int64_t p = t / a.num_splits;
+  const Split sp = a.splits[t % a.num_splits];
+  for (int64_t q = int64_t(lane) * V; q < a.Q; q += int64_t(lanes) * V) {
+    const int64_t row0 = (p * a.slots + sp.first_slot) * a.Q + q;
+    Acc best[V];
+    int64_t arg[V];
+    for (int v = 0; v < V; ++v) best[v] = a.work[row0 + v], arg[v] = a.work_arg[row0 + v];
+    for (int64_t c = 1; c < sp.count; ++c) {
+      const int64_t row = row0 + c * a.Q;
+      for (int v = 0; v < V; ++v)
+        if (a.work_arg[row + v] >= 0 && a.work[row + v] > best[v])
+          best[v] = a.work[row + v], arg[v] = a.work_arg[row + v];
+    }
+    Pack<V, T> o;
+    for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(best[v]);
+    store<V>(a.out + (p * a.M + sp.orbit) * a.Q + q, o);
+    int64_t* ao = a.arg + (p * a.M + sp.orbit) * a.Q + q;
+    for (int v = 0; v < V; ++v) ao[v] = arg[v];
+  }
+}
+
+// Task t = (p, e) of the broadcast out [P, N, Q] = s [P, M, Q] gathered by ids [N].
+template <int V, class T>
+EQUIKERN_HD inline void broadcast_row(const T* s, const int64_t* ids, int64_t N, int64_t M,
+                                      int64_t Q, T* out, int64_t t, int lane, int lanes) {
+  const int64_t p = t / N, e = t % N;
+  const T* src = s + (p * M + ids[e]) * Q;
+  for (int64_t q = int64_t(lane) * V; q < Q; q += int64_t(lanes) * V)
+    store<V>(out + t * Q + q, load<V>(src + q));
+}
+
+// Image of tuple t under the permutation p acting on each of its k coordinates (base n digits).
+EQUIKERN_HD inline int64_t tuple_image(const int64_t* p, int64_t n, int64_t k, int64_t t) {
+  int64_t image = 0, scale = 1;
+  for (int64_t d = 0; d < k; ++d) {
+    image += p[t % n] * scale;
+    t /= n;
+    scale *= n;
+  }
+  return image;
 }
 
 }  // namespace equikern::orbit

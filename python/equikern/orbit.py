@@ -33,10 +33,15 @@ def as_generators(generators) -> Tensor:
 
 
 def orbits(generators, k: int = 1) -> tuple[Tensor, int]:
-    """Orbits of the group on k-tuples: ``(ids, num_orbits)`` with ids int64 of shape [n] * k."""
+    """Orbits of the group on k-tuples: ``(ids, num_orbits)`` with ids int64 of shape [n] * k.
+
+    Computed on the CPU, or on the GPU (returning CUDA ids) when ``generators`` is a CUDA tensor.
+    """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected an int >= 1, got {k!r}")
     gens = as_generators(generators)
+    if isinstance(generators, Tensor) and generators.is_cuda:
+        gens = gens.to(generators.device)
     n = gens.shape[1]
     ids = _ops.orbit_ids(gens, k)
     num = int(ids.max()) + 1 if ids.numel() else 0
@@ -49,7 +54,7 @@ def orbitals(generators) -> tuple[Tensor, int, Tensor]:
     tau maps each orbital to its paired orbital (the orbit of the reversed pairs).
     """
     ids, num = orbits(generators, 2)
-    tau = torch.empty(num, dtype=torch.int64)
+    tau = torch.empty(num, dtype=torch.int64, device=ids.device)
     tau[ids.reshape(-1)] = ids.T.reshape(-1)  # every write to one slot carries the same value
     return ids, num, tau
 

@@ -3,6 +3,10 @@
 Features are [P, N, Q] (outer batch, orbit members, inner channels). Pooling and broadcasting are
 adjoint linear maps, so each one's backward is the other and derivatives of any order follow; the
 max pooling routes its gradient to the saved arg-max (the first member reaching the maximum).
+
+Kernels: csrc/cpu/orbit.cpp (float32/float64) and csrc/cuda/orbit.cu (also float16/bfloat16, summed
+in float32). On the GPU the index tensors (ids, slots) are validated and laid out once per tensor and
+cached by identity and version: pass the same ids tensor on every call, as OrbitLinear does.
 """
 
 import torch
