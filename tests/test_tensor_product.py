@@ -465,3 +465,35 @@ def test_channelwise_high_degrees_match_e3nn(dtype):
     g = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(got, (x, y, w), g), torch.autograd.grad(expected, (x, y, w), g)):
         assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", ["none", "x", "y", "weight"])
+@pytest.mark.parametrize("mul", [8, 13, 19, 33])
+def test_channelwise_vector_paths_match_e3nn(dtype, shared, mul):
+    """Channel counts around whole SIMD vectors (in-register block moves, lane permutations, padded
+    tails) with l <= 3 and a generic l = 4 block, each operand in turn shared by the whole batch."""
+    gen = torch.Generator().manual_seed(13 + mul)
+    irreps_in = f"{mul}x0e+{mul + 3}x1o+{mul}x2e+{mul + 1}x3o+5x4e"
+    irreps_sh = "0e+1o+2e+3o"
+    out, instr = equikern.nn.channelwise_instructions(irreps_in, irreps_sh, "0e+1o+2e+3o+4e")
+    ref = o3.TensorProduct(
+        irreps_in, irreps_sh, out, instr, shared_weights=shared == "weight", internal_weights=False
+    ).to(dtype)
+    ours = equikern.TensorProduct(
+        irreps_in, irreps_sh, out, instr, shared_weights=shared == "weight", internal_weights=False
+    )
+    x, y, w = inputs(ref, (7,), dtype, gen)
+    if shared == "x":
+        x = x[:1]
+    if shared == "y":
+        y = y[:1]
+    for t in (x, y, w):
+        t.requires_grad_(True)
+    expected, got = ref(x, y, w), ours(x, y, w)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < tol
+    g = torch.randn(expected.shape, dtype=dtype, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (x, y, w), g), torch.autograd.grad(expected, (x, y, w), g)):
+        assert rel_err(a, b) < tol

@@ -42,8 +42,14 @@ at::Tensor tp_forward_cpu(const at::Tensor& x1_, const at::Tensor& x2_, const at
     const int64_t sw = w.size(0) == 1 ? 0 : w.size(1);
     at::parallel_for(0, z, 16, [&](int64_t begin, int64_t end) {
       tp::Scratch<T> scratch(plan);
-      for (int64_t b = begin; b < end; ++b)
+      for (int64_t b = begin; b < end; ++b) {
+        if (b + 1 < end) {
+          tp::prefetch(p1 + (b + 1) * s1, x1.size(1));
+          tp::prefetch(p2 + (b + 1) * s2, x2.size(1));
+          tp::prefetch(pw + (b + 1) * sw, w.size(1));
+        }
         tp::forward_sample(plan, p1 + b * s1, p2 + b * s2, pw + b * sw, po + b * out_dim, scratch);
+      }
       tp::stream_fence();
     });
   });
@@ -56,8 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
     const at::Tensor& cg_val, bool weighted_only) {
   const int64_t z = check_operands(x1_, x2_, w_, &gout_);
   auto x1 = x1_.contiguous(), x2 = x2_.contiguous(), w = w_.contiguous(), gout = gout_.contiguous();
-  // Rows of batched gradients are zeroed right before their sample accumulates into them (while
-  // they are in cache); broadcast operands are reduced from per-chunk partial sums below.
+  // Rows of batched gradients are written by their own sample (backward_sample zeroes what it
+  // needs to, while the rows are in cache); broadcast operands are reduced from per-chunk partial
+  // sums below.
   auto g1 = at::empty_like(x1), g2 = at::empty_like(x2), gw = at::empty_like(w);
   if (z == 0) return {g1.zero_(), g2.zero_(), gw.zero_()};
   const int64_t out_dim = gout.size(1);
@@ -88,11 +95,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_backward_cpu(
           T* o1 = b1 ? part1.data() + c * d1 : q1 + b * d1;
           T* o2 = b2 ? part2.data() + c * d2 : q2 + b * d2;
           T* ow = bw ? partw.data() + c * dw : qw + b * dw;
-          if (!b1) std::fill(o1, o1 + d1, T(0));
           if (!b2) std::fill(o2, o2 + d2, T(0));
-          if (!bw) std::fill(ow, ow + dw, T(0));
+          if (b + 1 < end) {
+            tp::prefetch(pg + (b + 1) * out_dim, out_dim);
+            if (!b1) tp::prefetch(p1 + (b + 1) * d1, d1);
+            if (!bw) tp::prefetch(pw + (b + 1) * dw, dw);
+          }
           tp::backward_sample(plan, pg + b * out_dim, p1 + (b1 ? 0 : b * d1),
-                              p2 + (b2 ? 0 : b * d2), pw + (bw ? 0 : b * dw), o1, o2, ow, scratch);
+                              p2 + (b2 ? 0 : b * d2), pw + (bw ? 0 : b * dw), o1, o2, ow, scratch,
+                              !b1, !bw);
         }
       }
     });
