@@ -21,6 +21,13 @@
 #include <cstdint>
 #include <vector>
 
+// Functions shared by host and device code (the per-row math at the end).
+#if defined(__CUDACC__)
+#define EQUIKERN_HD __host__ __device__ inline
+#else
+#define EQUIKERN_HD inline
+#endif
+
 namespace equikern::gaunt {
 
 constexpr int64_t kBlock = 32;
@@ -188,7 +195,7 @@ inline void ring_point_adjoint(const Grid<T>& g, int64_t k, int64_t L, const T* 
 }
 
 // Whether phi_{n-k} is another grid point than phi_k (k = 0 and, for even n, k = n / 2 are not).
-inline bool mirrored(int64_t k, int64_t n_phi) { return k != 0 && 2 * k != n_phi; }
+EQUIKERN_HD bool mirrored(int64_t k, int64_t n_phi) { return k != 0 && 2 * k != n_phi; }
 
 // Scratch of one thread for a block of rows.
 template <class T>
@@ -343,6 +350,275 @@ void dense_backward_block(const Entries<T>& e, const T* go, const T* xa, const T
       gbj[r] += t * ai[r];
     }
   }
+}
+
+// ---------------------------------------------------------------- per-row math of the CUDA kernels
+//
+// The CUDA kernels give each thread one row (one channel of one sample) and keep that row's arrays
+// in shared memory, interleaved with the other rows of its tile (element i of a row at
+// p[i * stride]), so that the threads of a warp touch consecutive words. The functions below are
+// the CPU algorithm above for one row, written once for host and device so that the host can
+// check them against the CPU ops. Every loop accumulates in a register and writes each element
+// once, with the sums in the same order as the block code above.
+namespace row {
+
+template <class T>
+struct Lane {
+  T* p;
+  int stride;
+  EQUIKERN_HD T& operator[](int i) const { return p[static_cast<int64_t>(i) * stride]; }
+};
+
+EQUIKERN_HD int64_t isqrt(int64_t v) {
+  int64_t s = 0;
+  while ((s + 1) * (s + 1) <= v) ++s;
+  return s;
+}
+
+// Where coefficient i (degree l) of a row lies in an operand of `channels` channels (1: shared by
+// every channel) when rows enumerate (sample, channel) as n * rows_per_sample + c; the layouts are
+// those of gaunt::Layout.
+struct RowMap {
+  int64_t dim, channels, rows_per_sample;
+  bool flat;
+  EQUIKERN_HD int64_t offset(int64_t row, int64_t i, int64_t l) const {
+    const int64_t n = row / rows_per_sample, c = channels == 1 ? 0 : row % rows_per_sample;
+    const int64_t base = n * channels * dim;
+    return flat ? base + channels * l * l + c * (2 * l + 1) + (i - l * l) : base + c * dim + i;
+  }
+  // The e-th element (0 <= e < rows * dim) of a tile of `rows` consecutive rows, in an order that
+  // follows memory within a sample (the channel layout row by row, the flat layout degree by
+  // degree), so that loads and stores of a tile are coalesced.
+  EQUIKERN_HD void element(int64_t e, int64_t rows, int64_t& r, int64_t& i, int64_t& l) const {
+    if (!flat) {
+      r = e / dim;
+      i = e - r * dim;
+      l = isqrt(i);
+    } else {
+      l = isqrt(e / rows);
+      const int64_t rest = e - rows * l * l;
+      r = rest / (2 * l + 1);
+      i = l * l + rest - r * (2 * l + 1);
+    }
+  }
+};
+
+// The grid tables as the kernels read them: Legendre rows P[t] of each operand, trig row k centred
+// on m = 0 (only k <= n_phi / 2 is read).
+template <class T>
+struct Tables {
+  const T* trig;
+  int trig_width, n_theta, n_phi;
+  EQUIKERN_HD const T* trig_row(int k) const { return trig + k * trig_width + trig_width / 2; }
+  EQUIKERN_HD int half() const { return n_phi / 2 + 1; }
+};
+
+// r[m + L] = sum_{l >= |m|} p[lm] x[lm] (p: one ring of a Legendre table).
+template <class T>
+EQUIKERN_HD void legendre_to_ring(const T* p, int L, Lane<const T> x, Lane<T> r) {
+  for (int m = -L; m <= L; ++m) {
+    T acc = T(0);
+    for (int l = m < 0 ? -m : m; l <= L; ++l) {
+      const int i = l * l + l + m;
+      acc += p[i] * x[i];
+    }
+    r[m + L] = acc;
+  }
+}
+
+// The cos and sin parts of a ring function at phi_k (tk = trig row k).
+template <class T>
+EQUIKERN_HD void ring_point(const T* tk, int L, Lane<const T> r, T& even, T& odd) {
+  T e = r[L], o = T(0);
+  for (int m = 1; m <= L; ++m) {
+    e += tk[m] * r[L + m];
+    o += tk[-m] * r[L - m];
+  }
+  even = e;
+  odd = o;
+}
+
+// The adjoint of the phi step over the whole half ring: rc[m + L] = sum_k trig[k, m] hs[k] for
+// m >= 0 and sum_k trig[k, m] hd[k] for m < 0, then out[lm] += pc[lm] rc[m + L].
+template <class T>
+EQUIKERN_HD void ring_to_coefficients(const Tables<T>& g, const T* pc, int L, Lane<const T> hs,
+                                      Lane<const T> hd, Lane<T> rc, Lane<T> out) {
+  const int half = g.half();
+  T acc = T(0);
+  for (int k = 0; k < half; ++k) acc += hs[k];
+  rc[L] = acc;
+  for (int m = 1; m <= L; ++m) {
+    T c = T(0), s = T(0);
+    for (int k = 0; k < half; ++k) {
+      const T* tk = g.trig_row(k);
+      c += tk[m] * hs[k];
+      s += tk[-m] * hd[k];
+    }
+    rc[L + m] = c;
+    rc[L - m] = s;
+  }
+  for (int l = 0; l <= L; ++l)
+    for (int m = -l; m <= l; ++m) {
+      const int i = l * l + l + m;
+      out[i] += pc[i] * rc[m + L];
+    }
+}
+
+// Scratch of one row of the grid kernels.
+template <class T>
+struct GridScratch {
+  Lane<T> ra, rb, hs, hd, rc;
+};
+
+// out = S_c^T (S_a xa * S_b xb) for one row; pa, pb, pc: Legendre tables [n_theta, (L + 1)^2].
+template <class T>
+EQUIKERN_HD void grid_product(const Tables<T>& g, const T* pa, int La, const T* pb, int Lb,
+                              const T* pc, int Lc, Lane<const T> xa, Lane<const T> xb, Lane<T> out,
+                              const GridScratch<T>& w) {
+  const int da = (La + 1) * (La + 1), db = (Lb + 1) * (Lb + 1), dc = (Lc + 1) * (Lc + 1);
+  for (int i = 0; i < dc; ++i) out[i] = T(0);
+  const Lane<const T> ra{w.ra.p, w.ra.stride}, rb{w.rb.p, w.rb.stride};
+  for (int t = 0; t < g.n_theta; ++t) {
+    legendre_to_ring(pa + t * da, La, xa, w.ra);
+    legendre_to_ring(pb + t * db, Lb, xb, w.rb);
+    for (int k = 0; k < g.half(); ++k) {
+      const T* tk = g.trig_row(k);
+      T ea, oa, eb, ob;
+      ring_point(tk, La, ra, ea, oa);
+      ring_point(tk, Lb, rb, eb, ob);
+      if (mirrored(k, g.n_phi)) {
+        const T h1 = (ea + oa) * (eb + ob);
+        const T h2 = (ea - oa) * (eb - ob);
+        w.hs[k] = h1 + h2;
+        w.hd[k] = h1 - h2;
+      } else {  // sin vanishes at phi = 0 and pi
+        w.hs[k] = ea * eb;
+        w.hd[k] = T(0);
+      }
+    }
+    ring_to_coefficients(g, pc + t * dc, Lc, Lane<const T>{w.hs.p, w.hs.stride},
+                         Lane<const T>{w.hd.p, w.hd.stride}, w.rc, out);
+  }
+}
+
+// Grid values [n_theta, n_phi] of one row.
+template <class T>
+EQUIKERN_HD void to_grid(const Tables<T>& g, const T* p, int L, Lane<const T> x, T* grid,
+                         Lane<T> ra) {
+  const int d = (L + 1) * (L + 1);
+  const Lane<const T> rac{ra.p, ra.stride};
+  for (int t = 0; t < g.n_theta; ++t) {
+    legendre_to_ring(p + t * d, L, x, ra);
+    for (int k = 0; k < g.half(); ++k) {
+      T e, o;
+      ring_point(g.trig_row(k), L, rac, e, o);
+      grid[t * g.n_phi + k] = e + o;
+      grid[t * g.n_phi + (g.n_phi - k) % g.n_phi] = e - o;  // k = 0, n/2: the same point, o = 0
+    }
+  }
+}
+
+// The adjoint of to_grid: coefficients of one row from its grid values.
+template <class T>
+EQUIKERN_HD void from_grid(const Tables<T>& g, const T* p, int L, const T* grid, Lane<T> out,
+                           const GridScratch<T>& w) {
+  const int d = (L + 1) * (L + 1);
+  for (int i = 0; i < d; ++i) out[i] = T(0);
+  for (int t = 0; t < g.n_theta; ++t) {
+    for (int k = 0; k < g.half(); ++k) {
+      const bool mirror = mirrored(k, g.n_phi);
+      const T h1 = grid[t * g.n_phi + k];
+      const T h2 = mirror ? grid[t * g.n_phi + g.n_phi - k] : T(0);
+      w.hs[k] = h1 + h2;
+      w.hd[k] = mirror ? h1 - h2 : T(0);
+    }
+    ring_to_coefficients(g, p + t * d, L, Lane<const T>{w.hs.p, w.hs.stride},
+                         Lane<const T>{w.hd.p, w.hd.stride}, w.rc, out);
+  }
+}
+
+// A Gaunt table grouped by one of its three indices: the entries of group q are
+// ptr[q] <= e < ptr[q + 1], each with the other two indices packed as first | second << 16 (in
+// the order (i, j) for k, (j, k) for i, (i, k) for j) and its coefficient.
+template <class T>
+struct Grouped {
+  const int32_t* ptr;
+  const int32_t* pair;
+  const T* value;
+};
+
+EQUIKERN_HD int first_of(int32_t pair) { return pair & 0xffff; }
+EQUIKERN_HD int second_of(int32_t pair) { return pair >> 16; }
+
+// out[k] = sum G[i, j, k] xa[i] xb[j] (entries grouped by k).
+template <class T>
+EQUIKERN_HD void dense_product(const Grouped<T>& by_k, int dc, Lane<const T> xa, Lane<const T> xb,
+                               Lane<T> out) {
+  for (int k = 0; k < dc; ++k) {
+    T acc = T(0);
+    for (int e = by_k.ptr[k]; e < by_k.ptr[k + 1]; ++e) {
+      const int32_t ij = by_k.pair[e];
+      acc += by_k.value[e] * xa[first_of(ij)] * xb[second_of(ij)];
+    }
+    out[k] = acc;
+  }
+}
+
+// ga[i] = sum G[i, j, k] go[k] xb[j] (grouped by i), gb[j] = sum G[i, j, k] go[k] xa[i] (by j).
+template <class T>
+EQUIKERN_HD void dense_backward(const Grouped<T>& by_i, const Grouped<T>& by_j, int da, int db,
+                                Lane<const T> go, Lane<const T> xa, Lane<const T> xb, Lane<T> ga,
+                                Lane<T> gb) {
+  for (int i = 0; i < da; ++i) {
+    T acc = T(0);
+    for (int e = by_i.ptr[i]; e < by_i.ptr[i + 1]; ++e) {
+      const int32_t jk = by_i.pair[e];
+      acc += by_i.value[e] * go[second_of(jk)] * xb[first_of(jk)];
+    }
+    ga[i] = acc;
+  }
+  for (int j = 0; j < db; ++j) {
+    T acc = T(0);
+    for (int e = by_j.ptr[j]; e < by_j.ptr[j + 1]; ++e) {
+      const int32_t ik = by_j.pair[e];
+      acc += by_j.value[e] * go[second_of(ik)] * xa[first_of(ik)];
+    }
+    gb[j] = acc;
+  }
+}
+
+}  // namespace row
+
+// The layout of the grouped tables on the host: ints = [ptr by k (dims[2] + 1), ptr by i
+// (dims[0] + 1), ptr by j (dims[1] + 1), pairs by k, by i, by j (count each)], and entry[x] the
+// entry of the table at grouped position x (0 <= x < 3 count), whose value goes there. The sort
+// is stable, so every group sums in the table's own order, as the block code does. The indices
+// must be in range and below 2^15.
+inline void group_entries(const int64_t* index, int64_t count, const int64_t dims[3],
+                          std::vector<int32_t>& ints, std::vector<int64_t>& entry) {
+  ints.clear();
+  entry.clear();
+  std::vector<int32_t> pairs;
+  const int group_of[3] = {2, 0, 1};                      // k, i, j
+  const int first[3] = {0, 1, 0}, second[3] = {1, 2, 2};  // (i, j), (j, k), (i, k)
+  for (int g = 0; g < 3; ++g) {
+    const int c = group_of[g];
+    const int64_t dim = dims[c];
+    std::vector<int64_t> order(count);
+    for (int64_t n = 0; n < count; ++n) order[n] = n;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t y) { return index[3 * x + c] < index[3 * y + c]; });
+    std::vector<int32_t> ptr(dim + 1, 0);
+    for (int64_t n = 0; n < count; ++n) ++ptr[index[3 * n + c] + 1];
+    for (int64_t q = 0; q < dim; ++q) ptr[q + 1] += ptr[q];
+    ints.insert(ints.end(), ptr.begin(), ptr.end());
+    for (int64_t n : order) {
+      pairs.push_back(
+          static_cast<int32_t>(index[3 * n + first[g]] | (index[3 * n + second[g]] << 16)));
+      entry.push_back(n);
+    }
+  }
+  ints.insert(ints.end(), pairs.begin(), pairs.end());
 }
 
 }  // namespace equikern::gaunt

@@ -166,10 +166,16 @@ def _grid_work(l1: int, l2: int, lout: int) -> int:
 
 # Cost of a dense entry relative to a grid multiply-add on the CPU, per dtype (see choose_method).
 DENSE_ENTRY_COST = {torch.float32: 0.7, torch.float64: 0.95}
+# The same on a GPU: an estimate, not yet measured. Both CUDA kernels are bound by shared-memory loads;
+# a dense entry makes four (two operands, the packed indices and the coefficient), a grid multiply-add
+# two (the operand and a table entry).
+DENSE_ENTRY_COST_CUDA = {torch.float32: 2.0, torch.float64: 2.0}
 
 
 @functools.cache
-def choose_method(l1: int, l2: int, lmax_out: int, dtype: torch.dtype = torch.float32) -> str:
+def choose_method(
+    l1: int, l2: int, lmax_out: int, dtype: torch.dtype = torch.float32, device_type: str = "cpu"
+) -> str:
     """The method "auto" runs: "dense" when its entries cost less than the grid's multiply-adds.
 
     Both costs are per row (one channel of one sample) and both kernels run over the same blocks of rows,
@@ -179,10 +185,12 @@ def choose_method(l1: int, l2: int, lmax_out: int, dtype: torch.dtype = torch.fl
     entries / multiply-adds = 0.93 ((5, 5, 8)) in both dtypes. Beyond, float32 dense stays ahead at 1.20
     ((6, 6, 6): 10.0 vs 11.8 ms through the module) and 1.32 ((6, 6, 8): 0.96x) and falls behind from 1.60
     ((7, 7, 7): 1.1x to 1.3x; (8, 8, 8): 1.5x); float64 dense falls behind already at 1.20 ((6, 6, 6):
-    18.5 vs 16.0 ms). Each threshold sits between its last win and first loss.
+    18.5 vs 16.0 ms). Each threshold sits between its last win and first loss. On a GPU
+    (``device_type="cuda"``) the costs are DENSE_ENTRY_COST_CUDA, an estimate to be replaced by a measurement.
     """
     nnz = len(_dense_np(l1, l2, lmax_out)[1])
-    cost = DENSE_ENTRY_COST.get(dtype, DENSE_ENTRY_COST[torch.float32])
+    costs = DENSE_ENTRY_COST_CUDA if device_type == "cuda" else DENSE_ENTRY_COST
+    cost = costs.get(dtype, costs[torch.float32])
     return "dense" if cost * nnz <= _grid_work(l1, l2, lmax_out) else "grid"
 
 
@@ -273,7 +281,8 @@ def product(a: Tensor, b: Tensor, l1: int, l2: int, lout: int, method: str, flat
     the C++ ops take them (see :mod:`equikern.ops.gaunt`); the output is in the same layout.
     """
     if method == "auto":
-        method = choose_method(l1, l2, lout, a.dtype)
+        device = () if a.device.type == "cpu" else (a.device.type,)  # the CPU rule is the default
+        method = choose_method(l1, l2, lout, a.dtype, *device)
     if method == "grid":
         pa, pb, pc, trig = grid_plan((l1, l2), lout, l1 + l2 + lout, a.dtype, a.device)
         return _ops.gaunt_grid_product(a, b, pa, pb, pc, trig, flat)

@@ -16,8 +16,6 @@ Dense ops: ``index`` [nnz, 3] and ``value`` [nnz] list the nonzero Gaunt coeffic
 gradients, and that op's own derivatives are the two ops again (see ``_dense_backward_backward``).
 """
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -83,17 +81,14 @@ def _(grid, p, trig):
     return grid.new_empty((grid.shape[0], p.shape[1]))
 
 
-@functools.cache
-def _degree_sizes(channels: int, lmax: int) -> list[int]:
-    return [channels * (2 * l + 1) for l in range(lmax + 1)]
-
-
 def sum_channels(x: Tensor, flat: bool) -> Tensor:
     """[N, C, d] -> [N, 1, d]: the sum over channels in the layout of x (the gradient of a shared operand)."""
     if not flat:
         return x.sum(1, keepdim=True)
     n, c, d = x.shape
-    blocks = x.reshape(n, c * d).split(_degree_sizes(c, int(round(d**0.5)) - 1), dim=1)
+    # not cached: under torch.compile with dynamic shapes c is a SymInt, which cannot be hashed
+    sizes = [c * (2 * l + 1) for l in range(int(round(d**0.5)))]
+    blocks = x.reshape(n, c * d).split(sizes, dim=1)
     return torch.cat([blk.unflatten(1, (c, -1)).sum(1) for blk in blocks], dim=1).unsqueeze(1)
 
 
