@@ -1,10 +1,14 @@
 """CP decomposition, the cp_bilinear op and CPTensorProduct against einsum, TensorProduct and e3nn."""
 
+import json
+
 import pytest
 import torch
 from e3nn import o3
 
 import equikern
+from equikern.bench import Config, anchors
+from equikern.bench import cp as bench_cp
 from equikern.cp import cp_bilinear, cp_decompose, exact_factors, from_tensor_product
 from equikern.irreps import Irreps
 from equikern.nn import cp as nn_cp
@@ -87,6 +91,7 @@ def random_factors(I, J, K, R, dtype, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cp_bilinear_matches_einsum(dtype):
+    """The public broadcasting function (x2 shared by trailing dims, or per element) against einsum."""
     gen = torch.Generator().manual_seed(1)
     A, B, C = random_factors(5, 4, 7, 6, dtype, gen)
     cases = [
@@ -106,37 +111,103 @@ def test_cp_bilinear_matches_einsum(dtype):
         torch.testing.assert_close(cp_bilinear(x1, x2, A, B, C), ref.to(dtype), rtol=tol, atol=tol)
 
 
-def op_inputs(shared, gen, Z=2, I=3, J=2, K=4, R=3, Cc=3):
+def op_inputs(shared, gen, Z=2, I=3, J=2, K=4, R=3, Cc=3, weight=True):
     x1 = torch.randn(Z, I, Cc, dtype=torch.float64, generator=gen)
     x2 = torch.randn(1 if shared else Z, J, dtype=torch.float64, generator=gen)
-    return [t.requires_grad_() for t in [x1, x2, *random_factors(I, J, K, R, torch.float64, gen)]]
+    w = [torch.randn(Z, Cc, dtype=torch.float64, generator=gen)] if weight else []
+    return [t.requires_grad_() for t in [x1, x2, *random_factors(I, J, K, R, torch.float64, gen), *w]]
+
+
+def brute_force(x1, x2, A, B, C, w=None):
+    """The op's map from the dense CP tensor T[i, j, k] = sum_r A B C, in float64."""
+    T = torch.einsum("ir,jr,kr->ijk", A.double(), B.double(), C.double())
+    out = torch.einsum("ijk,zic,zj->zkc", T, x1.double(), x2.double().expand(x1.shape[0], -1))
+    return out if w is None else out * w.double()[:, None, :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("route", ops.ROUTES)
+def test_cp_bilinear_routes_match_brute_force(dtype, route):
+    """Every route, on random shapes (J below and above R, channel counts off the vector width), with the
+    second operand per sample or shared, with and without weights: forward and all six gradients."""
+    gen = torch.Generator().manual_seed(11)
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    for trial in range(12):
+        Z, I, J, K, R = (int(n) for n in torch.randint(1, 12, (5,), generator=gen))
+        Cc = (1, 3, 8, 13, 40, 128)[trial % 6]
+        for shared in (False, True):
+            x1, x2, A, B, C, w = (t.detach().to(dtype) for t in op_inputs(shared, gen, Z, I, J, K, R, Cc))
+            for weight in (w, None):
+                want = brute_force(x1, x2, A, B, C, weight)
+                got = ops.cp_bilinear(x1, x2, A, B, C, weight, route)
+                scale = want.abs().max()
+                assert got.dtype == dtype and (got.double() - want).abs().max() <= tol * scale
+                grad = torch.randn(want.shape, dtype=dtype, generator=gen)
+                leaves = [t.double().requires_grad_() for t in (x1, x2, A, B, C)]
+                if weight is not None:
+                    leaves.append(weight.double().requires_grad_())
+                ref = torch.autograd.grad(brute_force(*leaves), leaves, grad.double())
+                got = ops.cp_bilinear_backward(grad, x1, x2, A, B, C, weight, True, route)
+                assert got[5].shape == ((0,) if weight is None else weight.shape)
+                for g, r in zip(got, ref):
+                    assert g.shape == r.shape and (g.double() - r).abs().max() <= tol * r.abs().max()
+                no_factors = ops.cp_bilinear_backward(grad, x1, x2, A, B, C, weight, False, route)
+                assert all(not g.any() for g in no_factors[2:5])
+                torch.testing.assert_close(no_factors[0], got[0], rtol=0, atol=0)
+
+
+def test_cp_bilinear_shared_gradients_are_deterministic():
+    """Gradients summed over samples (x2 shared, the factors) do not depend on the number of threads."""
+    gen = torch.Generator().manual_seed(12)
+    threads = torch.get_num_threads()
+    for route in ("factors", "matrix"):
+        for shared in (False, True):
+            args = [t.detach().float() for t in op_inputs(shared, gen, Z=300, I=9, J=9, K=9, R=28, Cc=40)]
+            grad = torch.randn(300, 9, 40, generator=gen)
+            try:
+                results = []
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    results.append(ops.cp_bilinear_backward(grad, *args, True, route))
+            finally:
+                torch.set_num_threads(threads)
+            for other in results[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_cp_bilinear_gradcheck_and_gradgradcheck(shared):
+@pytest.mark.parametrize("route", ["factors", "matrix"])
+def test_cp_bilinear_gradcheck_and_gradgradcheck(shared, route):
     args = op_inputs(shared, torch.Generator().manual_seed(2))
-    assert torch.autograd.gradcheck(ops.cp_bilinear, args)
-    assert torch.autograd.gradgradcheck(ops.cp_bilinear, args)
-    # derivatives of x1 and x2 only (the factors fixed, as in CPTensorProduct)
-    x1, x2, A, B, C = args
-    fn = lambda a, b: ops.cp_bilinear(a, b, A.detach(), B.detach(), C.detach())  # noqa: E731
-    assert torch.autograd.gradgradcheck(fn, (x1, x2))
+    fn = lambda *a: ops.cp_bilinear(*a, route=route)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args[:5])  # no weight
+    # derivatives of x1, x2 and the weight only (the factors fixed, as in CPTensorProduct)
+    x1, x2, A, B, C, w = args
+    fn = lambda a, b, c: ops.cp_bilinear(a, b, A.detach(), B.detach(), C.detach(), c, route)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x1, x2, w))
 
 
 def test_cp_bilinear_opcheck():
     gen = torch.Generator().manual_seed(3)
     lib = torch.ops.equikern
     for shared in (False, True):
-        args = op_inputs(shared, gen)
-        torch.library.opcheck(lib.cp_bilinear.default, tuple(args))
-        grad = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-        for factors in (True, False):
-            torch.library.opcheck(lib.cp_bilinear_backward.default, (grad, *args, factors))
+        for weight in (True, False):
+            args = op_inputs(shared, gen, weight=weight)
+            if not weight:
+                args.append(None)
+            for route in ops.ROUTES:
+                torch.library.opcheck(lib.cp_bilinear.default, (*args, route))
+            grad = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+            for factors in (True, False):
+                for route in ("factors", "matrix"):
+                    torch.library.opcheck(lib.cp_bilinear_backward.default, (grad, *args, factors, route))
 
 
 def test_cp_bilinear_bad_inputs():
     gen = torch.Generator().manual_seed(4)
-    x1, x2, A, B, C = [t.detach() for t in op_inputs(False, gen)]
+    x1, x2, A, B, C, w = [t.detach() for t in op_inputs(False, gen)]
     with pytest.raises(RuntimeError, match="x2 has 3 rows, expected 2"):
         ops.cp_bilinear(x1, torch.cat([x2, x2[:1]]), A, B, C)
     with pytest.raises(RuntimeError, match=r"A has shape \[5, 3\], expected \[3, R\]"):
@@ -145,6 +216,12 @@ def test_cp_bilinear_bad_inputs():
         ops.cp_bilinear(x1, x2, A, B.float(), C)
     with pytest.raises(RuntimeError, match="x1 must be 3-D"):
         ops.cp_bilinear(x1[0], x2, A, B, C)
+    with pytest.raises(RuntimeError, match=r"weight has shape \[2, 2\], expected \[2, 3\]"):
+        ops.cp_bilinear(x1, x2, A, B, C, w[:, :2])
+    with pytest.raises(RuntimeError, match="weight has dtype Float"):
+        ops.cp_bilinear(x1, x2, A, B, C, w.float())
+    with pytest.raises(RuntimeError, match="route must be 'auto', 'factors' or 'matrix', got 'fast'"):
+        ops.cp_bilinear(x1, x2, A, B, C, w, "fast")
     with pytest.raises(RuntimeError, match="grad has shape"):
         ops.cp_bilinear_backward(torch.zeros(2, 4, 4, dtype=torch.float64), x1, x2, A, B, C)
     with pytest.raises(ValueError, match="A, B, C: shapes"):
@@ -153,6 +230,32 @@ def test_cp_bilinear_bad_inputs():
         cp_bilinear(torch.randn(3, 3, dtype=torch.float64), x2, A, B, C)
     with pytest.raises(ValueError, match="C: dtype"):
         cp_bilinear(x1[..., 0], x2, A, B, C.float())
+    with pytest.raises(ValueError, match="weight: shape"):
+        cp_bilinear(x1[..., 0], x2, A, B, C, torch.randn(3, dtype=torch.float64))
+
+
+def test_cp_bilinear_weight_broadcasts_over_the_batch():
+    gen = torch.Generator().manual_seed(13)
+    A, B, C = random_factors(5, 4, 6, 7, torch.float64, gen)
+    x1 = torch.randn(3, 40, 5, dtype=torch.float64, generator=gen)
+    for x2 in (
+        torch.randn(3, 1, 4, dtype=torch.float64, generator=gen),
+        torch.randn(3, 40, 4, dtype=torch.float64, generator=gen),
+    ):
+        w = torch.randn(40, dtype=torch.float64, generator=gen)
+        want = cp_bilinear(x1, x2, A, B, C) * w[:, None]
+        torch.testing.assert_close(cp_bilinear(x1, x2, A, B, C, w), want, rtol=1e-12, atol=1e-12)
+
+
+def test_cp_bilinear_empty_inputs():
+    A, B, C = (torch.randn(n, 3) for n in (4, 2, 5))
+    for Z, Cc in ((0, 8), (3, 0)):
+        x1, x2, w = torch.randn(Z, 4, Cc), torch.randn(Z, 2), torch.randn(Z, Cc)
+        for route in ops.ROUTES:
+            assert ops.cp_bilinear(x1, x2, A, B, C, w, route).shape == (Z, 5, Cc)
+            grads = ops.cp_bilinear_backward(torch.randn(Z, 5, Cc), x1, x2, A, B, C, w, True, route)
+            assert [g.shape for g in grads] == [t.shape for t in (x1, x2, A, B, C, w)]
+            assert all(not g.any() for g in grads)
 
 
 # ---- CPTensorProduct --------------------------------------------------------------------------------
@@ -270,3 +373,58 @@ def test_cp_tensor_product_bad_inputs():
         module(torch.randn(2, irreps.dim), torch.randn(2, sh.dim), torch.randn(2, 3))
     with pytest.raises(ValueError, match="do not broadcast"):
         module(torch.randn(2, irreps.dim), torch.randn(3, sh.dim), torch.randn(2, 2))
+
+
+# ---- benchmark family ---------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def test_bench_family_quick_run(tmp_path):
+    from equikern.bench import __main__ as bench
+
+    argv = ["--quick", "--device", "cpu", "--problems", "cp", "--modes", "fwd,fwdbwd", "--out", str(tmp_path)]
+    assert bench.main(argv + ["--dtype", "float32,float64"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    rows = {(r["problem"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    for L in (1, 2, 3):
+        for dtype in ("float32", "float64"):
+            for mode in ("fwd", "fwdbwd"):
+                row = {
+                    impl: rows[f"cp-L{L}", dtype, mode, impl]
+                    for impl in ("equikern", "tdn_einsum", "two_gemm_einsum", "equikern_tp")
+                }
+                assert row["tdn_einsum"]["status"] == "ref"
+                for impl in ("equikern", "two_gemm_einsum"):
+                    assert row[impl]["status"] == "ok", row[impl]
+                    assert row[impl]["max_rel_err"] <= bench.TOLERANCE[getattr(torch, dtype)]
+                assert row["equikern_tp"]["status"] == "unchecked"  # exact product, not the rank-R one
+                assert all(r["median_ms"] > 0 and r["floor_ms"] > 0 for r in row.values())
+
+
+def test_bench_family_floors_and_published_figures():
+    """At the anchors' size on an H100 the floors are the anchors' ones; CPU runs default to E = 2000."""
+    bandwidth = anchors()["h100_copy_bandwidth_TBps"] * 1e12
+    rows = anchors()["cp"]["rows"]
+    for row, case in zip(rows, bench_cp.cases(Config(CPU, torch.float32, 50000, "h100"))):
+        assert case.floor_bytes["fwd"] / bandwidth * 1e3 == pytest.approx(row["floor_ms"], rel=0.01)
+        assert case.published == {
+            "tdn_einsum": {"fwd": row["tdn_einsum_ms"]},
+            "two_gemm_einsum": {"fwd": row["two_gemm_einsum_ms"]},
+        }
+        assert case.params == {"L": row["L"], "d": row["d"], "R": row["R"], "C": row["C"]}
+    cpu = bench_cp.cases(Config(CPU, torch.float32, 50000, "cpu", batch_given=False))
+    assert [c.batch for c in cpu] == [2000] * 3 and all(c.published == {} for c in cpu)
+    assert [c.batch for c in bench_cp.cases(Config(CPU, torch.float32, 300, "cpu"))] == [300] * 3
+
+
+def test_bench_tp_context_row_is_the_exact_tied_product():
+    """The unchecked equikern_tp row computes the exact product (CPTensorProduct at full rank)."""
+    case = bench_cp.cases(Config(CPU, torch.float64, 3, "cpu"))[0]
+    x, y, w = case.inputs()
+    impl = case.impls["equikern_tp"]()
+    got = impl.fn(*impl.to_native((x, y, w)))
+    irreps = channels_irreps(case.params["C"], 1)
+    module = CPTensorProduct(irreps, sh_irreps(1), irreps, rank=10**6, layout="ir_mul")
+    want = module(x.reshape(3, -1), y, w).reshape(x.shape)
+    torch.testing.assert_close(got, impl.to_native((want, y, w))[0], rtol=1e-12, atol=1e-12)

@@ -145,15 +145,21 @@ def exact_factors(tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(factors)
 
 
-def cp_bilinear(x1: Tensor, x2: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """out[..., k] = sum_r C[k, r] (sum_i A[i, r] x1[..., i]) (sum_j B[j, r] x2[..., j]).
+def cp_bilinear(
+    x1: Tensor, x2: Tensor, A: Tensor, B: Tensor, C: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """out[..., k] = weight[...] sum_r C[k, r] (sum_i A[i, r] x1[..., i]) (sum_j B[j, r] x2[..., j]).
 
-    x1 [..., I] and x2 [..., J] broadcast against each other. The trailing batch dims over which x2 is
-    broadcast (channels, e.g. features against one set of edge spherical harmonics) share one
-    projection of x2; they are moved innermost for the kernel, which copies x1 and the output unless
-    there are no such dims.
+    x1 [..., I] and x2 [..., J] broadcast against each other; ``weight`` (optional, TDN's per-channel
+    weight) broadcasts to their batch shape. The trailing batch dims over which x2 is broadcast
+    (channels, e.g. features against one set of edge spherical harmonics) share the second operand: the
+    kernel builds one [K, I] matrix per sample from it and applies it to every channel. Those dims are
+    moved innermost for the kernel, which copies x1 and the output unless there are no such dims; the
+    copy-free layout is x1 [samples, I, channels] (``equikern.ops.cp.cp_bilinear``).
     """
-    for t, name in ((x1, "x1"), (x2, "x2"), (A, "A"), (B, "B"), (C, "C")):
+    for t, name in ((x1, "x1"), (x2, "x2"), (A, "A"), (B, "B"), (C, "C"), (weight, "weight")):
+        if t is None and name == "weight":
+            continue
         if not isinstance(t, Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a float32 or float64 tensor, got {got}")
@@ -175,6 +181,15 @@ def cp_bilinear(x1: Tensor, x2: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tens
         raise ValueError(
             f"x1, x2: batch shapes {tuple(x1.shape[:-1])} and {tuple(x2.shape[:-1])} differ"
         ) from e
+    if weight is not None:
+        try:
+            fits = torch.broadcast_shapes(batch, weight.shape) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"weight: shape {tuple(weight.shape)} does not broadcast to the batch shape {tuple(batch)}"
+            )
     s2 = (1,) * (len(batch) - x2.dim() + 1) + tuple(x2.shape[:-1])
     split = len(batch)
     while split > 0 and s2[split - 1] == 1:
@@ -185,7 +200,8 @@ def cp_bilinear(x1: Tensor, x2: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tens
     x1n = x1.expand(batch + (I,)).reshape(Z, Cc, I).transpose(1, 2)
     x2n = x2.reshape(s2[:split] + (J,))  # drop the broadcast channel dims
     x2n = x2n.reshape(1, J) if math.prod(s2) == 1 else x2n.expand(samples + (J,)).reshape(Z, J)
-    out = _ops.cp_bilinear(x1n, x2n, A, B, C)
+    wn = None if weight is None else weight.expand(batch).reshape(Z, Cc)
+    out = _ops.cp_bilinear(x1n, x2n, A, B, C, wn)
     return out.transpose(1, 2).reshape(batch + (C.shape[0],))
 
 

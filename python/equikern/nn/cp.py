@@ -7,7 +7,8 @@ CP decomposition, fitted once (alternating least squares) and cached in memory a
 $EQUIKERN_CACHE, default ~/.cache/equikern, keyed by a hash of T and the requested rank and tol).
 
 Layouts: the module takes e3nn's flat mul_ir features (``layout="mul_ir"``, a gather in and out of the
-op) or flat ir_mul (``layout="ir_mul"``: [d, C] per sample, the op's native layout, no copies).
+op) or flat ir_mul (``layout="ir_mul"``: [d, C] per sample, TDN's x[e, i, c] and the op's native layout:
+no copies, the fast path). The channel weights go into the op, which applies them as it writes.
 """
 
 import hashlib
@@ -207,7 +208,14 @@ class CPTensorProduct(torch.nn.Module):
 
     def factors(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
         """The CP factors A [d1, R], B [d2, R], C [d_out, R]."""
-        return tuple(getattr(self, n).view(torch.float64).to(dtype) for n in ("_A", "_B", "_C"))
+        buffers = tuple(getattr(self, n) for n in ("_A", "_B", "_C"))
+        if torch.compiler.is_compiling():
+            return tuple(b.view(torch.float64).to(dtype) for b in buffers)
+        # The same tensors call after call: the op plans its per-sample matrices from them once.
+        key = (dtype, *((b.data_ptr(), b._version) for b in buffers))
+        if getattr(self, "_cast", (None,))[0] != key:
+            self._cast = (key, tuple(b.view(torch.float64).to(dtype) for b in buffers))
+        return self._cast[1]
 
     def __repr__(self) -> str:
         return (
@@ -237,13 +245,14 @@ class CPTensorProduct(torch.nn.Module):
         x = x.expand(batch + x.shape[-1:]).reshape(Z, -1)
         if self.layout == "mul_ir":
             x = x.index_select(1, self._gather_in)
-        x = x.view(Z, self._d1, C) * weight.expand(batch + (C,)).reshape(Z, 1, C)
+        x = x.view(Z, self._d1, C)
         y = (
             y.reshape(1, -1)
             if math.prod(y.shape[:-1]) == 1
             else y.expand(batch + y.shape[-1:]).reshape(Z, -1)
         )
-        out = cp_bilinear(x, y, *self.factors(x.dtype)).reshape(Z, -1)
+        weight = weight.expand(batch + (C,)).reshape(Z, C)
+        out = cp_bilinear(x, y, *self.factors(x.dtype), weight).reshape(Z, -1)
         if self.layout == "mul_ir":
             out = out.index_select(1, self._gather_out)
         return out.reshape(batch + (C * self._d_out,))
