@@ -20,6 +20,7 @@ from equikern.nn import (
     GauntTensorProduct,
     OrbitLinear,
     TensorProduct,
+    TensorProductConv,
 )
 from equikern.orbit import (
     group_average,
@@ -46,6 +47,7 @@ __all__ = [
     "Irreps",
     "OrbitLinear",
     "TensorProduct",
+    "TensorProductConv",
     "accelerate",
     "cp_bilinear",
     "cp_decompose",

@@ -499,7 +499,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 def list_problems(args: argparse.Namespace) -> None:
     errors: dict = {}
-    cfg = Config(args.device, DTYPES[args.dtype[0]], args.batch[0], hardware_of(args.device))
+    cfg = Config(
+        args.device, DTYPES[args.dtype[0]], args.batch[0], hardware_of(args.device), args.batch_given
+    )
     for case in all_cases(cfg, errors):
         detail = ", ".join(
             f"{k}={v if len(str(v)) <= 40 else str(v)[:37] + '...'}" for k, v in case.params.items()

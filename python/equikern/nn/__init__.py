@@ -12,6 +12,7 @@ from equikern.nn.tensor_product import (
     TensorProduct,
     channelwise_instructions,
 )
+from equikern.nn.tensor_product_conv import TensorProductConv
 
 __all__ = [
     "CPTensorProduct",
@@ -23,5 +24,6 @@ __all__ = [
     "Instruction",
     "OrbitLinear",
     "TensorProduct",
+    "TensorProductConv",
     "channelwise_instructions",
 ]

@@ -1,3 +1,3 @@
 """The Python face of ``torch.ops.equikern.*``: one module per op family."""
 
-from equikern.ops import cp, gaunt, orbit, tensor_product  # noqa: F401
+from equikern.ops import cp, gaunt, orbit, tensor_product, tensor_product_conv  # noqa: F401

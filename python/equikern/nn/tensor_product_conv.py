@@ -1,0 +1,102 @@
+"""Fused message passing: ``out[n] = sum_{e: dst[e] = n} TP(x[src[e]], edge_attr[e], edge_weight[e])``.
+
+``TensorProductConv`` is a :class:`equikern.TensorProduct` (same constructor, instructions, normalisations,
+shared or per-edge weights) applied over an edge list without materialising the per-edge messages: the
+unfused form ``torch.zeros(n, d).index_add_(0, dst, tp(x[src], edge_attr, w))`` allocates and writes
+[E, dim_out] messages (and [E, dim_in1] gathered features); this one reads each node's inputs and writes
+each output row once.
+"""
+
+import torch
+from torch import Tensor
+
+from equikern.nn.tensor_product import TensorProduct
+from equikern.ops.tensor_product_conv import conv_graph, tensor_product_conv
+
+
+class TensorProductConv(TensorProduct):
+    """``TensorProduct`` summed over the edges of a graph by destination node.
+
+    The constructor takes ``TensorProduct``'s arguments (``irreps_in1`` are the node features,
+    ``irreps_in2`` the edge attributes, e.g. spherical harmonics of the edge vectors) plus
+    ``deterministic``. ``forward(node_features, edge_attr, edge_weight, edge_src, edge_dst, num_nodes=None)``:
+    node_features [N_src, irreps_in1.dim], edge_attr [E, irreps_in2.dim], edge_weight [E, weight_numel]
+    (``shared_weights=False``), [weight_numel] (shared) or None (internal weights), edge_src / edge_dst [E]
+    integer indices; returns [num_nodes, irreps_out.dim] with num_nodes = N_src by default.
+
+    Edges may come in any order, with repeats. Every call groups them by destination (forward) and by source
+    (backward) with a stable O(E) counting sort, so each node's messages are summed in edge order by one
+    thread: on the CPU both ``deterministic=True`` and the default are bitwise reproducible from run to run
+    and for any number of threads (``deterministic`` selects a kernel only on a GPU). Indices out of range
+    raise an error naming the argument.
+    """
+
+    def __init__(self, *args, deterministic: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deterministic = bool(deterministic)
+
+    def right(self, y, weight=None):
+        raise NotImplementedError("TensorProductConv.right: a convolution has no per-sample linear map")
+
+    def forward(
+        self,
+        node_features: Tensor,
+        edge_attr: Tensor,
+        edge_weight: Tensor | None,
+        edge_src: Tensor,
+        edge_dst: Tensor,
+        num_nodes: int | None = None,
+    ) -> Tensor:
+        w = self._get_weights(edge_weight)
+        x = node_features
+        for t, name, dim, irreps in (
+            (x, "node_features", self._dim1, self.irreps_in1),
+            (edge_attr, "edge_attr", self._dim2, self.irreps_in2),
+        ):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[-1] != dim:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape (rows, {dim}) for irreps {irreps}, got {got}")
+        for t, name in ((edge_src, "edge_src"), (edge_dst, "edge_dst")):
+            if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+                got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a 1-D int64 (or int32) tensor of edge indices, got {got}")
+            if t.shape[0] != edge_attr.shape[0]:
+                raise ValueError(
+                    f"{name}: has {t.shape[0]} edges but edge_attr has {edge_attr.shape[0]} rows"
+                )
+            if t.device != x.device:
+                raise ValueError(f"{name}: is on {t.device} but node_features is on {x.device}")
+        if edge_attr.dtype != x.dtype or (self.weight_numel and w.dtype != x.dtype):
+            raise ValueError(
+                "node_features, edge_attr, edge_weight: dtypes differ "
+                f"({x.dtype}, {edge_attr.dtype}, {w.dtype})"
+            )
+        if edge_attr.device != x.device or (self.weight_numel and w.device != x.device):
+            raise ValueError(
+                f"node_features, edge_attr, edge_weight: devices differ ({x.device}, {edge_attr.device}, "
+                f"{w.device})"
+            )
+        if self.weight_numel == 0:
+            w2 = x.new_zeros(1, 0)
+        elif self.shared_weights:
+            w2 = w.reshape(1, -1)
+        else:
+            if w.shape != (edge_attr.shape[0], self.weight_numel):
+                raise ValueError(
+                    f"edge_weight: expected shape ({edge_attr.shape[0]}, {self.weight_numel}) "
+                    f"(one row per edge), got {tuple(w.shape)}"
+                )
+            w2 = w
+        n = x.shape[0] if num_nodes is None else num_nodes
+        graph = conv_graph(edge_src.long(), edge_dst.long(), x.shape[0], n)
+        return tensor_product_conv(
+            x,
+            edge_attr,
+            w2,
+            graph,
+            self._paths,
+            self._blocks,
+            self._cg_ijk,
+            self._cg_bits.view(torch.float64),
+            self._dim_out,
+        )
