@@ -18,51 +18,19 @@
 #include <tuple>
 #include <vector>
 
+#include "gaunt_checks.h"
+
 namespace equikern {
 namespace {
 
 using gaunt::kBlock;
+using namespace gaunt_checks;
 
-void check_float(const at::Tensor& x, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", x.sizes());
-}
-
-void check_same_dtype(const at::Tensor& x, const at::Tensor& ref, const char* op,
-                      const char* name) {
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", x.scalar_type(),
-              ", expected ", ref.scalar_type());
-}
-
-// lmax of a Legendre table [n_theta, (L + 1)^2], checked against the grid.
-int64_t side_lmax(const at::Tensor& p, const at::Tensor& trig, const char* op, const char* name) {
-  check_float(p, op, name, 2);
-  check_same_dtype(p, trig, op, name);
-  const int64_t d = p.size(1);
-  const auto L = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(d)))) - 1;
-  TORCH_CHECK(L >= 0 && (L + 1) * (L + 1) == d, op, ": ", name,
-              " must have (L + 1)^2 columns, got ", d);
-  TORCH_CHECK(2 * L + 1 <= trig.size(1), op, ": ", name, " has degree ", L,
-              " but trig only covers |m| <= ", (trig.size(1) - 1) / 2);
-  return L;
-}
+const at::Device kCpu(at::kCPU);
 
 template <class T>
 gaunt::Grid<T> make_grid(const at::Tensor& trig, int64_t n_theta) {
   return {n_theta, trig.size(0), (trig.size(1) - 1) / 2, trig.data_ptr<T>()};
-}
-
-void check_trig(const at::Tensor& trig, const char* op) {
-  check_float(trig, op, "trig", 2);
-  TORCH_CHECK(trig.size(1) % 2 == 1, op, ": trig must have 2 mmax + 1 columns, got ", trig.size(1));
-  TORCH_CHECK(trig.size(0) >= 1, op, ": trig must have at least one phi point");
-}
-
-void check_rings(const at::Tensor& p, int64_t n_theta, const char* op, const char* name) {
-  TORCH_CHECK(p.size(0) == n_theta, op, ": ", name, " has ", p.size(0), " rings, expected ",
-              n_theta);
 }
 
 int64_t grain_rows(int64_t work_per_row) {
@@ -84,30 +52,12 @@ gaunt::BlockRows<P> block_rows(int64_t blk, int64_t n_rows, int64_t channels, P 
   return rows;
 }
 
-int64_t degree_of(int64_t dim, const char* op, const char* name) {
-  const auto L = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(dim)))) - 1;
-  TORCH_CHECK(L >= 0 && (L + 1) * (L + 1) == dim, op, ": ", name,
-              " must have (L + 1)^2 coefficients, got ", dim);
-  return L;
-}
-
-// [N, C, d] operands a and b (b with C channels or 1); returns C.
-int64_t check_operands(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  check_float(a, op, "a", 3);
-  check_float(b, op, "b", 3);
-  check_same_dtype(b, a, op, "b");
-  TORCH_CHECK(b.size(0) == a.size(0), op, ": b has ", b.size(0), " samples, a has ", a.size(0));
-  TORCH_CHECK(b.size(1) == a.size(1) || b.size(1) == 1, op, ": b must have ", a.size(1),
-              " channels (as a) or 1, got ", b.size(1));
-  return a.size(1);
-}
-
 at::Tensor grid_product_cpu(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& pa_,
                             const at::Tensor& pb_, const at::Tensor& pc_, const at::Tensor& trig_,
                             bool flat) {
   constexpr const char* op = "gaunt_grid_product";
-  check_trig(trig_, op);
-  check_operands(a_, b_, op);
+  check_trig(trig_, op, kCpu);
+  check_operands(a_, b_, op, kCpu);
   check_same_dtype(a_, trig_, op, "a");
   const int64_t La = side_lmax(pa_, trig_, op, "pa"), Lb = side_lmax(pb_, trig_, op, "pb"),
                 Lc = side_lmax(pc_, trig_, op, "pc");
@@ -148,8 +98,8 @@ at::Tensor grid_product_cpu(const at::Tensor& a_, const at::Tensor& b_, const at
 
 at::Tensor to_grid_cpu(const at::Tensor& x_, const at::Tensor& p_, const at::Tensor& trig_) {
   constexpr const char* op = "gaunt_to_grid";
-  check_trig(trig_, op);
-  check_float(x_, op, "x", 2);
+  check_trig(trig_, op, kCpu);
+  check_float(x_, op, "x", 2, kCpu);
   check_same_dtype(x_, trig_, op, "x");
   const int64_t L = side_lmax(p_, trig_, op, "p");
   TORCH_CHECK(x_.size(1) == p_.size(1), op, ": x has ", x_.size(1), " coefficients, p has ",
@@ -183,8 +133,8 @@ at::Tensor to_grid_cpu(const at::Tensor& x_, const at::Tensor& p_, const at::Ten
 
 at::Tensor from_grid_cpu(const at::Tensor& grid_, const at::Tensor& p_, const at::Tensor& trig_) {
   constexpr const char* op = "gaunt_from_grid";
-  check_trig(trig_, op);
-  check_float(grid_, op, "grid", 3);
+  check_trig(trig_, op, kCpu);
+  check_float(grid_, op, "grid", 3, kCpu);
   check_same_dtype(grid_, trig_, op, "grid");
   const int64_t L = side_lmax(p_, trig_, op, "p");
   const int64_t n_theta = p_.size(0), n_phi = trig_.size(0);
@@ -225,7 +175,7 @@ void check_entries(const at::Tensor& index, const at::Tensor& value, const at::T
               ": index must be a CPU int64 tensor, got ", index.scalar_type());
   TORCH_CHECK(index.dim() == 2 && index.size(1) == 3, op, ": index must be [nnz, 3], got shape ",
               index.sizes());
-  check_float(value, op, "value", 1);
+  check_float(value, op, "value", 1, kCpu);
   check_same_dtype(value, a, op, "value");
   TORCH_CHECK(value.size(0) == index.size(0), op, ": value has ", value.size(0),
               " entries, index has ", index.size(0));
@@ -242,7 +192,7 @@ void check_entries(const at::Tensor& index, const at::Tensor& value, const at::T
 at::Tensor dense_product_cpu(const at::Tensor& a_, const at::Tensor& b_, const at::Tensor& index_,
                              const at::Tensor& value_, int64_t lmax_out, bool flat) {
   constexpr const char* op = "gaunt_dense_product";
-  const int64_t C = check_operands(a_, b_, op), N = a_.size(0), Cb = b_.size(1);
+  const int64_t C = check_operands(a_, b_, op, kCpu), N = a_.size(0), Cb = b_.size(1);
   TORCH_CHECK(lmax_out >= 0, op, ": lmax_out must be >= 0, got ", lmax_out);
   const int64_t La = degree_of(a_.size(2), op, "a"), Lb = degree_of(b_.size(2), op, "b");
   const int64_t dc = (lmax_out + 1) * (lmax_out + 1);
@@ -277,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(const at::Tensor& grad_, c
                                                       const at::Tensor& index_,
                                                       const at::Tensor& value_, bool flat) {
   constexpr const char* op = "gaunt_dense_backward";
-  const int64_t C = check_operands(a_, b_, op), N = a_.size(0), Cb = b_.size(1);
-  check_float(grad_, op, "grad", 3);
+  const int64_t C = check_operands(a_, b_, op, kCpu), N = a_.size(0), Cb = b_.size(1);
+  check_float(grad_, op, "grad", 3, kCpu);
   check_same_dtype(grad_, a_, op, "grad");
   TORCH_CHECK(grad_.size(0) == N && grad_.size(1) == C, op, ": grad must be [", N, ", ", C,
               ", (L + 1)^2], got shape ", grad_.sizes());
