@@ -24,6 +24,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cp_checks.h"
+
 namespace equikern {
 namespace {
 
@@ -31,57 +33,8 @@ namespace {
 // chunks in order: the result depends on Z only, never on the number of threads.
 constexpr int64_t kChunks = 64;
 
-void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-                 at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected ", dtype, " (the dtype of x1)");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-struct Dims {
-  int64_t Z, Z2, I, J, R, K, Cc;
-};
-
-Dims check_operands(const char* op, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& A,
-                    const at::Tensor& B, const at::Tensor& C,
-                    const std::optional<at::Tensor>& weight) {
-  const auto dtype = x1.scalar_type();
-  check_float(x1, op, "x1", 3, dtype);
-  check_float(x2, op, "x2", 2, dtype);
-  check_float(A, op, "A", 2, dtype);
-  check_float(B, op, "B", 2, dtype);
-  check_float(C, op, "C", 2, dtype);
-  const Dims d{x1.size(0), x2.size(0), x1.size(1), x2.size(1), A.size(1), C.size(0), x1.size(2)};
-  TORCH_CHECK(d.Z2 == d.Z || d.Z2 == 1, op, ": x2 has ", d.Z2, " rows, expected ", d.Z,
-              " (as x1) or 1");
-  TORCH_CHECK(A.size(0) == d.I, op, ": A has shape ", A.sizes(), ", expected [", d.I, ", R]");
-  TORCH_CHECK(B.size(0) == d.J && B.size(1) == d.R, op, ": B has shape ", B.sizes(), ", expected [",
-              d.J, ", ", d.R, "]");
-  TORCH_CHECK(C.size(1) == d.R, op, ": C has shape ", C.sizes(), ", expected [K, ", d.R, "]");
-  if (weight.has_value()) {
-    check_float(*weight, op, "weight", 2, dtype);
-    TORCH_CHECK(weight->size(0) == d.Z && weight->size(1) == d.Cc, op, ": weight has shape ",
-                weight->sizes(), ", expected [", d.Z, ", ", d.Cc, "] (samples, channels of x1)");
-  }
-  return d;
-}
-
-enum class Route { kFactors, kMatrix };
-
-Route choose_route(const char* op, const Dims& d, c10::string_view route) {
-  if (route == "factors") return Route::kFactors;
-  if (route == "matrix") return Route::kMatrix;
-  TORCH_CHECK(route == "auto", op, ": route must be 'auto', 'factors' or 'matrix', got '", route,
-              "'");
-  const double Z = static_cast<double>(d.Z), seconds = d.Z2 == 1 ? 1.0 : Z;
-  const double S = static_cast<double>(std::min(d.J, d.R)), KI = static_cast<double>(d.K * d.I);
-  const double factors = seconds * d.J * d.R + Z * d.Cc * (d.I + d.K) * d.R;
-  const double matrix = KI * d.J * d.R + seconds * S * KI + Z * d.Cc * KI;
-  return matrix <= factors ? Route::kMatrix : Route::kFactors;
-}
+using namespace cp_checks;
+const at::Device kCpu(at::kCPU);
 
 // Samples per parallel task: enough multiply-adds to pay for a task.
 int64_t grain(int64_t work_per_sample) {
@@ -152,7 +105,7 @@ at::Tensor cp_bilinear_cpu(const at::Tensor& x1_, const at::Tensor& x2, const at
                            const at::Tensor& B, const at::Tensor& C_,
                            const std::optional<at::Tensor>& weight, c10::string_view route_) {
   const char* op = "cp_bilinear";
-  const Dims d = check_operands(op, x1_, x2, A, B, C_, weight);
+  const Dims d = check_operands(op, x1_, x2, A, B, C_, weight, kCpu);
   const Route route = choose_route(op, d, route_);
   auto out = at::empty({d.Z, d.K, d.Cc}, x1_.options());
   if (out.numel() == 0) return out;
@@ -274,8 +227,8 @@ Grads cp_bilinear_backward_cpu(const at::Tensor& grad_, const at::Tensor& x1_, c
                                const std::optional<at::Tensor>& weight, bool factor_grads,
                                c10::string_view route_) {
   const char* op = "cp_bilinear_backward";
-  const Dims d = check_operands(op, x1_, x2, A_, B, C_, weight);
-  check_float(grad_, op, "grad", 3, x1_.scalar_type());
+  const Dims d = check_operands(op, x1_, x2, A_, B, C_, weight, kCpu);
+  check_float(grad_, op, "grad", 3, x1_, kCpu);
   TORCH_CHECK(grad_.size(0) == d.Z && grad_.size(1) == d.K && grad_.size(2) == d.Cc, op,
               ": grad has shape ", grad_.sizes(), ", expected [", d.Z, ", ", d.K, ", ", d.Cc, "]");
   const Route route = choose_route(op, d, route_);

@@ -29,9 +29,14 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "cp_checks.h"
 
 namespace equikern {
 namespace {
+
+using namespace cp_checks;
 
 constexpr int kThreads = 256;  // matrix route
 constexpr int kWarp = 32;
@@ -85,10 +90,6 @@ __device__ void build_matrix(const T* __restrict__ A, const T* __restrict__ C, c
     M[e] = s;
   }
 }
-
-struct Dims {
-  int64_t Z, Z2, I, J, R, K, Cc;
-};
 
 template <class T>
 struct Args {
@@ -343,42 +344,11 @@ __global__ void factors_backward_kernel(const Args<T> p, int64_t tiles) {
 
 // ---------------------------------------------------------------- host side
 
-void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-                 const at::Tensor& x1) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x1.device(), op, ": ", name,
-              " must be a CUDA tensor on ", x1.device(), ", got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == x1.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", expected ", x1.scalar_type(), " (the dtype of x1)");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-Dims check_operands(const char* op, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& A,
-                    const at::Tensor& B, const at::Tensor& C,
-                    const std::optional<at::Tensor>& weight) {
+// The device of a call: that of x1, which must be a CUDA tensor.
+at::Device device_of(const at::Tensor& x1, const char* op) {
   TORCH_CHECK(x1.is_cuda(), op, ": x1 must be a CUDA tensor, got one on ", x1.device());
-  check_float(x1, op, "x1", 3, x1);
-  check_float(x2, op, "x2", 2, x1);
-  check_float(A, op, "A", 2, x1);
-  check_float(B, op, "B", 2, x1);
-  check_float(C, op, "C", 2, x1);
-  const Dims d{x1.size(0), x2.size(0), x1.size(1), x2.size(1), A.size(1), C.size(0), x1.size(2)};
-  TORCH_CHECK(d.Z2 == d.Z || d.Z2 == 1, op, ": x2 has ", d.Z2, " rows, expected ", d.Z,
-              " (as x1) or 1");
-  TORCH_CHECK(A.size(0) == d.I, op, ": A has shape ", A.sizes(), ", expected [", d.I, ", R]");
-  TORCH_CHECK(B.size(0) == d.J && B.size(1) == d.R, op, ": B has shape ", B.sizes(), ", expected [",
-              d.J, ", ", d.R, "]");
-  TORCH_CHECK(C.size(1) == d.R, op, ": C has shape ", C.sizes(), ", expected [K, ", d.R, "]");
-  if (weight.has_value()) {
-    check_float(*weight, op, "weight", 2, x1);
-    TORCH_CHECK(weight->size(0) == d.Z && weight->size(1) == d.Cc, op, ": weight has shape ",
-                weight->sizes(), ", expected [", d.Z, ", ", d.Cc, "] (samples, channels of x1)");
-  }
-  return d;
+  return x1.device();
 }
-
-enum class Route { kFactors, kMatrix };
 
 // Shared memory of each kernel: (T elements, double elements).
 size_t matrix_bytes(const Dims& d, size_t elem, bool backward, bool factor_grads) {
@@ -407,20 +377,7 @@ int factors_threads(const Dims& d, size_t elem, bool backward, bool factor_grads
 // other one.
 Route choose_route(const char* op, const Dims& d, c10::string_view route, size_t elem,
                    bool backward, bool factor_grads) {
-  Route pick;
-  if (route == "factors") {
-    pick = Route::kFactors;
-  } else if (route == "matrix") {
-    pick = Route::kMatrix;
-  } else {
-    TORCH_CHECK(route == "auto", op, ": route must be 'auto', 'factors' or 'matrix', got '", route,
-                "'");
-    const double Z = static_cast<double>(d.Z), seconds = d.Z2 == 1 ? 1.0 : Z;
-    const double S = static_cast<double>(std::min(d.J, d.R)), KI = static_cast<double>(d.K * d.I);
-    const double factors = seconds * d.J * d.R + Z * d.Cc * (d.I + d.K) * d.R;
-    const double matrix = KI * d.J * d.R + seconds * S * KI + Z * d.Cc * KI;
-    pick = matrix <= factors ? Route::kMatrix : Route::kFactors;
-  }
+  const Route pick = cp_checks::choose_route(op, d, route);
   const bool matrix_fits = matrix_bytes(d, elem, backward, factor_grads) <= kSmemBytes;
   const bool factors_fit = factors_bytes(d, factors_threads(d, elem, backward, factor_grads), elem,
                                          backward, factor_grads) <= kSmemBytes;
@@ -457,7 +414,7 @@ at::Tensor cp_bilinear_cuda(const at::Tensor& x1_, const at::Tensor& x2_, const 
                             const at::Tensor& B_, const at::Tensor& C_,
                             const std::optional<at::Tensor>& weight, c10::string_view route_) {
   constexpr const char* op = "cp_bilinear";
-  const Dims d = check_operands(op, x1_, x2_, A_, B_, C_, weight);
+  const Dims d = check_operands(op, x1_, x2_, A_, B_, C_, weight, device_of(x1_, op));
   const size_t elem = x1_.element_size();
   const Route route = choose_route(op, d, route_, elem, false, false);
   const c10::cuda::CUDAGuard guard(x1_.device());
@@ -492,8 +449,8 @@ Grads cp_bilinear_backward_cuda(const at::Tensor& grad_, const at::Tensor& x1_,
                                 const at::Tensor& C_, const std::optional<at::Tensor>& weight,
                                 bool factor_grads, c10::string_view route_) {
   constexpr const char* op = "cp_bilinear_backward";
-  const Dims d = check_operands(op, x1_, x2_, A_, B_, C_, weight);
-  check_float(grad_, op, "grad", 3, x1_);
+  const Dims d = check_operands(op, x1_, x2_, A_, B_, C_, weight, device_of(x1_, op));
+  check_float(grad_, op, "grad", 3, x1_, x1_.device());
   TORCH_CHECK(grad_.size(0) == d.Z && grad_.size(1) == d.K && grad_.size(2) == d.Cc, op,
               ": grad has shape ", grad_.sizes(), ", expected [", d.Z, ", ", d.K, ", ", d.Cc, "]");
   const size_t elem = x1_.element_size();
