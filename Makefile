@@ -26,7 +26,7 @@ $(PY):
 $(STAMP): | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q scikit-build-core numpy pytest e3nn ruff clang-format matplotlib tqdm
+	$(PIP) install -q scikit-build-core numpy pytest e3nn ruff clang-format matplotlib tqdm triton==3.6.0
 	touch $@
 
 deps: $(STAMP)
