@@ -18,7 +18,8 @@ pytestmark = [
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_matches_e3nn_forward_backward(mode, dtype):
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_cuda_matches_e3nn_forward_backward(mode, dtype, backend):
     rng = random.Random(hash((mode, "cuda")) % 1000)
     gen = torch.Generator().manual_seed(0)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -27,7 +28,7 @@ def test_cuda_matches_e3nn_forward_backward(mode, dtype):
         options = {"shared_weights": shared, "internal_weights": False}
         irreps1, irreps2, irreps_out, instr = random_problem(rng, mode)
         ref = o3.TensorProduct(irreps1, irreps2, irreps_out, instr, **options).to(dtype)
-        ours = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, **options).cuda()
+        ours = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, backend=backend, **options).cuda()
         x, y, w = inputs(ref, (37,), dtype, gen, requires_grad=True)
         args = [t for t in (x, y, w) if t is not None]
         expected = ref(x, y, w)
@@ -92,9 +93,12 @@ def test_cuda_bad_input():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_cuda_channelwise_route_matches_cpu(dtype, broadcast):
-    """The channelwise CUDA route (uvu, mul2 = 1, one path per output block), up to l = 4."""
-    tp = equikern.ChannelwiseTensorProduct("40x0e+40x1o+40x2e+3x4e", "0e+1o+2e+3o+4e", "0e+1o+2e+3o+4e")
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_channelwise_route_matches_cpu(dtype, broadcast, backend):
+    """The channelwise routes (uvu, mul2 = 1, one path per output block), up to l = 4."""
+    tp = equikern.ChannelwiseTensorProduct(
+        "40x0e+40x1o+40x2e+3x4e", "0e+1o+2e+3o+4e", "0e+1o+2e+3o+4e", backend=backend
+    )
     gen = torch.Generator().manual_seed(4)
     z = 57
     x = torch.randn(z, tp.irreps_in1.dim, dtype=dtype, generator=gen)

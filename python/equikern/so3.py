@@ -5,6 +5,7 @@ e3nn; the values match e3nn to float64 rounding, signs included.
 """
 
 import functools
+import importlib.util
 import math
 import operator
 from fractions import Fraction
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 _NORMALIZATIONS = ("integral", "component", "norm")
+# CUDA tensors go to the generated Triton kernels when triton is installed (found here without importing it:
+# `import equikern` must not need triton; a broken install then fails loudly at the first CUDA call).
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _nonneg_int(v, what: str) -> int:
@@ -187,7 +191,14 @@ def spherical_harmonics(
     ``ls`` is an int, a list of ints (repeats allowed, in any order) or irreps ("0e+1o+2x2e", an Irreps) whose
     parities are all (-1)^l or all +1. Output [..., sum(2l+1)]. ``normalize=False`` gives the homogeneous
     polynomials of x, for any x; ``normalize=True`` projects x on the sphere first (zero x: Y_0 and zeros).
+
+    CUDA tensors are computed by the Triton kernels of :mod:`equikern.triton.spherical_harmonics` when
+    triton is installed (same values; derivatives of any order are Triton kernels too); CPU tensors by torch.
     """
+    if _HAVE_TRITON and isinstance(x, torch.Tensor) and x.is_cuda:
+        from equikern.triton.spherical_harmonics import spherical_harmonics as triton_spherical_harmonics
+
+        return triton_spherical_harmonics(ls, x, normalize, normalization)
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
     if x.shape[-1:] != (3,):

@@ -3,9 +3,12 @@
 The constructor plans the work once: it normalises the instructions exactly as e3nn does, gathers
 the sparse Wigner 3j coefficients of every path (scaled by the path normalisation) and stores the
 result as small integer/float tables that the compiled op consumes. ``forward`` only reshapes and
-calls ``torch.ops.equikern.tensor_product``.
+calls ``torch.ops.equikern.tensor_product`` (C++ on the CPU, CUDA on the GPU) or, for channelwise
+(``uvu``) instruction lists on the GPU, the Triton kernels generated for the plan
+(``equikern.triton.tensor_product``); ``backend`` chooses.
 """
 
+import importlib.util
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -17,8 +20,10 @@ from torch import Tensor
 from equikern.irreps import Irrep, Irreps, as_irreps
 from equikern.ops.tensor_product import tensor_product
 from equikern.so3 import wigner_3j_sparse
+from equikern.triton.tensor_product import tensor_product as triton_tensor_product
 
 MODES = {"uvw": 0, "uvu": 1, "uvv": 2, "uuw": 3, "uuu": 4, "uvuv": 5}
+BACKENDS = ("auto", "native", "triton")
 IRREP_NORMALIZATIONS = ("component", "norm", "none")
 PATH_NORMALIZATIONS = ("element", "path", "none")
 
@@ -107,6 +112,12 @@ class TensorProduct(torch.nn.Module):
     ``(i_in1, i_in2, i_out, connection_mode, has_weight[, path_weight])`` with modes
     uvw, uvu, uvv, uuw, uuu, uvuv. ``forward(x, y, weight=None)`` broadcasts the batch dimensions of
     x, y (and per-sample weights) like e3nn.
+
+    ``backend``: "native" runs the compiled C++/CUDA op; "triton" runs Triton kernels generated for
+    the instruction list (every instruction must be ``uvu``; on a CPU only under Triton's
+    interpreter, ``TRITON_INTERPRET=1``, for testing); "auto" (default) takes Triton for CUDA tensors
+    when the instructions are all ``uvu`` and triton is installed, "native" otherwise. The Triton
+    kernels also take float16/bfloat16 inputs (computed in float32).
     """
 
     def __init__(
@@ -122,9 +133,12 @@ class TensorProduct(torch.nn.Module):
         path_normalization: str | None = None,
         internal_weights: bool | None = None,
         shared_weights: bool | None = None,
+        backend: str = "auto",
         **e3nn_options,
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         unknown = set(e3nn_options) - {
             "compile_left_right",
             "compile_right",
@@ -176,6 +190,26 @@ class TensorProduct(torch.nn.Module):
         # plain ints for forward(): cheap for torch.compile to guard on
         self._dim1, self._dim2, self._dim_out = self.irreps_in1.dim, self.irreps_in2.dim, self.irreps_out.dim
         self._register_plan()
+        self.backend = backend
+        self._triton_key = self._register_triton(backend)
+
+    def _register_triton(self, backend: str) -> str | None:
+        """The key of this plan's Triton kernels, or None where the Triton route is not taken."""
+        if backend == "native":
+            return None
+        from equikern.triton import tensor_product as triton_tp  # numpy only: triton loads lazily
+
+        tables = (self._paths.numpy(), self._cg_ijk.numpy(), self._cg_bits.view(torch.float64).numpy())
+        if not triton_tp.supports(tables[0]):
+            if backend == "triton":
+                modes = sorted({i.connection_mode for i in self.instructions})
+                raise ValueError(f"backend='triton' needs every instruction 'uvu', got modes {modes}")
+            return None
+        if importlib.util.find_spec("triton") is None:
+            if backend == "triton":
+                raise ValueError("backend='triton' needs the triton package (pip install triton)")
+            return None
+        return triton_tp.register_plan(*tables)
 
     def _normalize(self, raw, v1, v2, vo) -> list[Instruction]:
         """e3nn's path normalisation: path_weight = sqrt(alpha), folded into the coefficients."""
@@ -362,16 +396,13 @@ class TensorProduct(torch.nn.Module):
             w2 = w.reshape(1, -1)
         else:
             w2 = _rows(w, batch)
-        out = tensor_product(
-            x1,
-            x2,
-            w2,
-            self._paths,
-            self._blocks,
-            self._cg_ijk,
-            self._cg_bits.view(torch.float64),
-            self._dim_out,
-        )
+        cg_val = self._cg_bits.view(torch.float64)
+        if self._triton_key is not None and (self.backend == "triton" or x1.is_cuda):
+            out = triton_tensor_product(
+                x1, x2, w2, self._paths, self._cg_ijk, cg_val, self._triton_key, self._dim_out
+            )
+        else:
+            out = tensor_product(x1, x2, w2, self._paths, self._blocks, self._cg_ijk, cg_val, self._dim_out)
         return out.reshape(batch + (self._dim_out,))
 
     def right(self, y: Tensor, weight: Tensor | None = None) -> Tensor:

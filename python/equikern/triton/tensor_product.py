@@ -1,0 +1,513 @@
+"""Triton tensor products generated for the instruction list at hand (channelwise ``uvu`` plans).
+
+The products of MACE, NequIP and Allegro convolutions are ``uvu``: every channel u of the first operand
+meets the second operand (spherical harmonics, one channel or a few) and writes channel u of the output.
+For such a plan this module writes the Triton source of a forward and a backward kernel with every
+Clebsch-Gordan coefficient unrolled as a constant, caches the source on disk (``triton.jit`` reads
+source files) and the compiled kernels in memory, and exposes them as the torch ops
+``equikern::tensor_product_triton`` and ``equikern::tensor_product_triton_backward`` (same arguments and
+semantics as ``equikern::tensor_product``, plus the plan's key).
+
+Kernel shape: a program owns a tile of BZ samples x BU channels. Per sample, the second operand is
+first contracted into the coefficient table t[i, k] = sum_j C[i, j, k] x2[j] (a few scalars, shared
+by every channel); then each channel costs one multiply-add per nonzero (i, k) of the table. The
+forward runs output block by output block (summing every path that writes the block, in plan order)
+and writes each output element once; the backward runs input block by input block, so the gradient of
+x1 is written once, each weight gradient is owned by one program, and the gradient of x2 (a sum over
+channels) is summed per program and reduced over the channel tiles afterwards in a fixed order. There
+are no atomics: results are bitwise reproducible. Inputs may be float16/bfloat16/float32 (computed in
+float32) or float64 (computed in float64).
+
+The second derivative is built from the same two ops (see ``equikern.ops.tensor_product``).
+"""
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from equikern.ops.tensor_product import register_trilinear_autograd
+
+__all__ = ["register_plan", "supports", "tensor_product", "tensor_product_backward"]
+
+UVU = 1  # tp::kUVU in csrc/kernels/tensor_product.h
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Path:
+    off1: int
+    m1: int
+    d1: int
+    off2: int
+    m2: int
+    d2: int
+    offo: int
+    d3: int
+    woff: int  # -1: unweighted
+    cg: tuple  # ((i, j, k, value), ...)
+
+
+@dataclass(frozen=True)
+class Plan:
+    paths: tuple[Path, ...]
+    num_paths: int  # rows of the plan tensors (checked against the op's arguments)
+    num_cg: int
+
+    @functools.cached_property
+    def block_u(self) -> int:
+        """Channels per tile: the widest block's channel count, as a power of two, at most 32."""
+        widest = max((p.m1 for p in self.paths), default=1)
+        return min(32, 1 << max(0, widest - 1).bit_length())
+
+    @functools.cached_property
+    def num_chunks(self) -> int:
+        return max(1, -(-max((p.m1 for p in self.paths), default=1) // self.block_u))
+
+    def active(self, weighted_only: bool) -> list[Path]:
+        return [p for p in self.paths if p.woff >= 0 or not weighted_only]
+
+
+def supports(paths: np.ndarray) -> bool:
+    """Whether the Triton kernels cover a plan: every path ``uvu`` (any mul of the second operand)."""
+    paths = np.asarray(paths).reshape(-1, 13)
+    return len(paths) > 0 and bool(np.all(paths[:, 0] == UVU))
+
+
+_PLANS: dict[str, Plan] = {}
+_LOCK = threading.Lock()
+
+
+def _key(paths: np.ndarray, ijk: np.ndarray, val: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a, dt in ((paths, np.int64), (ijk, np.int32), (val, np.float64)):
+        a = np.ascontiguousarray(a, dtype=dt)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def register_plan(paths: np.ndarray, ijk: np.ndarray, val: np.ndarray) -> str:
+    """Registers a plan (the tables of ``TensorProduct._register_plan``); returns its key."""
+    paths = np.asarray(paths, dtype=np.int64).reshape(-1, 13)
+    ijk = np.asarray(ijk, dtype=np.int32).reshape(-1, 3)
+    val = np.asarray(val, dtype=np.float64).reshape(-1)
+    if not supports(paths):
+        raise ValueError(
+            f"Triton tensor product: every path must be 'uvu' (got modes {sorted(set(paths[:, 0]))})"
+        )
+    key = _key(paths, ijk, val)
+    with _LOCK:
+        if key not in _PLANS:
+            rows = []
+            for r in paths.tolist():
+                mode, off1, m1, d1, off2, m2, d2, offo, mo, d3, woff, b, e = r
+                if mode != UVU or mo != m1:
+                    raise ValueError(f"Triton tensor product: path {r} is not uvu")
+                cg = tuple((int(i), int(j), int(k), float(c)) for (i, j, k), c in zip(ijk[b:e], val[b:e]))
+                rows.append(Path(off1, m1, d1, off2, m2, d2, offo, d3, woff, cg))
+            _PLANS[key] = Plan(tuple(rows), len(rows), len(val))
+    return key
+
+
+def _plan(key: str, paths: Tensor, ijk: Tensor, val: Tensor) -> Plan:
+    plan = _PLANS.get(key)
+    if plan is None:  # e.g. an exported program run in a fresh process: rebuild from the tables
+        if register_plan(paths.cpu().numpy(), ijk.cpu().numpy(), val.cpu().numpy()) != key:
+            raise ValueError("tensor_product_triton: key does not match the plan tables")
+        plan = _PLANS[key]
+    if plan.num_paths != paths.shape[0] or plan.num_cg != val.shape[0]:
+        raise ValueError("tensor_product_triton: key does not match the plan tables")
+    return plan
+
+
+# -- code generation ----------------------------------------------------------------------------------
+
+
+class _Code:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, line: str) -> None:
+        self.lines.append("    " * self.depth + line)
+
+    def block(self, header: str):
+        code = self
+
+        class _Block:
+            def __enter__(self):
+                code(header)
+                code.depth += 1
+
+            def __exit__(self, *exc):
+                code.depth -= 1
+
+        return _Block()
+
+
+def _sum(terms: list[str]) -> str:
+    return " + ".join(terms) if terms else "0.0"
+
+
+def _table(code: _Code, p: Path, v: int, tag: str) -> dict[tuple[int, int], str]:
+    """Emits t[i, k] = sum_j C[i, j, k] x2[v, j] ([BZ, 1] per sample); returns {(i, k): name}."""
+    js = sorted({j for _, j, _, _ in p.cg})
+    for j in js:
+        code(f"b{j} = tl.load(p2 + {p.off2 + v * p.d2 + j}, mask=zm, other=0.0).to(ACC)")
+    entries: dict[tuple[int, int], list[str]] = {}
+    for i, j, k, c in p.cg:
+        entries.setdefault((i, k), []).append(f"{c!r} * b{j}")
+    names = {}
+    for (i, k), terms in sorted(entries.items()):
+        names[i, k] = f"t{tag}_{i}_{k}"
+        code(f"{names[i, k]} = {_sum(terms)}")
+    return names
+
+
+def _forward_source(plan: Plan, weighted_only: bool) -> str:
+    code = _Code()
+    code("@triton.jit")
+    header = (
+        "def kernel(x1, x2, w, out, Z, s1, s2, sw, so, "
+        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
+    )
+    with code.block(header):
+        code("zr = tl.program_id(0) * BZ + tl.arange(0, BZ)")
+        code("zm = (zr < Z)[:, None]")
+        code("z = zr.to(tl.int64)[:, None]")
+        code("u0 = tl.program_id(1) * BU")
+        code("u = u0 + tl.arange(0, BU)[None, :]")
+        code("p1 = x1 + z * s1")
+        code("p2 = x2 + z * s2")
+        code("pw = w + z * sw")
+        code("po = out + z * so")
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in plan.active(weighted_only):
+            groups.setdefault((p.offo, p.m1, p.d3), []).append(p)
+        for (offo, mo, d3), group in groups.items():
+            with code.block(f"if u0 < {mo}:"):
+                code(f"m = zm & (u < {mo})")
+                started: set[int] = set()
+                for q, p in enumerate(group):
+                    tag = f"{offo}_{q}"
+                    ins = sorted({i for i, _, _, _ in p.cg})
+                    for i in ins:
+                        code(f"a{i} = tl.load(p1 + ({p.off1} + u * {p.d1} + {i}), mask=m, other=0.0).to(ACC)")
+                    for v in range(p.m2):
+                        t = _table(code, p, v, f"{tag}_{v}")
+                        if p.woff >= 0:
+                            code(
+                                f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)"
+                            )
+                        for k in range(d3):
+                            terms = [f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k]
+                            if not terms:
+                                continue
+                            s = f"({_sum(terms)})"
+                            s = f"wt * {s}" if p.woff >= 0 else s
+                            code(f"o{k} = o{k} + {s}" if k in started else f"o{k} = {s}")
+                            started.add(k)
+                for k in range(d3):
+                    value = (
+                        f"o{k}.to(out.dtype.element_ty)"
+                        if k in started
+                        else "tl.zeros([BZ, BU], out.dtype.element_ty)"
+                    )
+                    code(f"tl.store(po + ({offo} + u * {d3} + {k}), {value}, mask=m)")
+    return "\n".join(code.lines)
+
+
+def _backward_source(plan: Plan, weighted_only: bool, dim2: int) -> str:
+    code = _Code()
+    code("@triton.jit")
+    header = (
+        "def kernel(g, x1, x2, w, g1, g2, gw, Z, s1, s2, sw, so, r1, r2, rw, "
+        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
+    )
+    with code.block(header):
+        code("zr = tl.program_id(0) * BZ + tl.arange(0, BZ)")
+        code("zm = (zr < Z)[:, None]")
+        code("z = zr.to(tl.int64)[:, None]")
+        code("u0 = tl.program_id(1) * BU")
+        code("u = u0 + tl.arange(0, BU)[None, :]")
+        code("p1 = x1 + z * s1")
+        code("p2 = x2 + z * s2")
+        code("pw = w + z * sw")
+        code("pg = g + z * so")
+        code("q1 = g1 + z * r1")
+        code("q2 = g2 + (tl.program_id(1) * Z + z) * r2")
+        code("qw = gw + z * rw")
+        for j in range(dim2):
+            code(f"e{j} = tl.zeros([BZ], ACC)")
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in plan.active(weighted_only):
+            groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+        for (off1, m1, d1), group in groups.items():
+            with code.block(f"if u0 < {m1}:"):
+                code(f"m = zm & (u < {m1})")
+                for i in range(d1):
+                    code(f"a{i} = tl.load(p1 + ({off1} + u * {d1} + {i}), mask=m, other=0.0).to(ACC)")
+                started: set[int] = set()
+                for q, p in enumerate(group):
+                    ks = sorted({k for _, _, k, _ in p.cg})
+                    for k in ks:
+                        code(
+                            f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)"
+                        )
+                    for v in range(p.m2):
+                        t = _table(code, p, v, f"{q}_{v}")
+                        weighted = p.woff >= 0
+                        if weighted:
+                            code(
+                                f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)"
+                            )
+                        hs = sorted({i for i, _ in t})
+                        for i in hs:
+                            code(f"h{i} = {_sum([f'{t[ii, k]} * go{k}' for (ii, k) in t if ii == i])}")
+                            s = f"wt * h{i}" if weighted else f"h{i}"
+                            code(f"ga{i} = ga{i} + {s}" if i in started else f"ga{i} = {s}")
+                            started.add(i)
+                        if weighted:
+                            code(f"gwt = {_sum([f'a{i} * h{i}' for i in hs])}")
+                            code(
+                                f"tl.store(qw + ({p.woff} + u * {p.m2} + {v}), "
+                                "gwt.to(gw.dtype.element_ty), mask=m)"
+                            )
+                            for i in sorted({i for i, _, _, _ in p.cg}):
+                                code(f"wa{i} = wt * a{i}")
+                        src = "wa" if weighted else "a"
+                        by_j: dict[int, list[str]] = {}
+                        for i, j, k, c in p.cg:
+                            by_j.setdefault(j, []).append(f"{c!r} * {src}{i} * go{k}")
+                        for j, terms in sorted(by_j.items()):
+                            jj = p.off2 + v * p.d2 + j
+                            code(f"e{jj} = e{jj} + tl.sum({_sum(terms)}, axis=1)")
+                for i in range(d1):
+                    value = (
+                        f"ga{i}.to(g1.dtype.element_ty)"
+                        if i in started
+                        else "tl.zeros([BZ, BU], g1.dtype.element_ty)"
+                    )
+                    code(f"tl.store(q1 + ({off1} + u * {d1} + {i}), {value}, mask=m)")
+        for j in range(dim2):
+            code(f"tl.store(q2 + {j}, e{j}[:, None].to(g2.dtype.element_ty), mask=zm)")
+    return "\n".join(code.lines)
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("EQUIKERN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "equikern"
+    )
+    path = os.path.join(root, "triton")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        path = os.path.join(tempfile.gettempdir(), "equikern-triton")
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+_PRELUDE = (
+    '"""Generated by equikern.triton for one problem; do not edit."""\n\n'
+    "import triton\nimport triton.language as tl\n\n\n"
+)
+
+
+def load_kernel(source: str, kind: str):
+    """The ``kernel`` of a generated source: written once to the cache directory, imported once."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    name = f"equikern_{kind}_{digest}"
+    module = sys.modules.get(name)
+    if module is None:
+        path = os.path.join(_cache_dir(), name + ".py")
+        text = _PRELUDE + source + "\n"
+        if not os.path.exists(path) or open(path).read() != text:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module.kernel
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel(key: str, direction: str, weighted_only: bool, dim2: int = 0):
+    plan = _PLANS[key]
+    if direction == "fwd":
+        return load_kernel(_forward_source(plan, weighted_only), "tp_fwd")
+    return load_kernel(_backward_source(plan, weighted_only, dim2), "tp_bwd")
+
+
+# -- the ops ------------------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check(x1: Tensor, x2: Tensor, w: Tensor, grad: Tensor | None = None) -> int:
+    names = ("x1", "x2", "weight")
+    for t, name in zip((x1, x2, w), names):
+        if t.dim() != 2:
+            raise ValueError(
+                f"tensor_product_triton: {name} must be 2-D [rows, dim], got shape {tuple(t.shape)}"
+            )
+        if t.dtype != x1.dtype or t.device != x1.device:
+            raise ValueError(
+                f"tensor_product_triton: {name} is {t.dtype} on {t.device}, x1 is {x1.dtype} on {x1.device}"
+            )
+    if x1.dtype not in DTYPES:
+        raise ValueError(f"tensor_product_triton: dtype must be one of {DTYPES}, got {x1.dtype}")
+    z = 1
+    for t in (x1, x2, w):
+        if t.shape[0] != 1:
+            if z != 1 and t.shape[0] != z:
+                raise ValueError(
+                    "tensor_product_triton: batch sizes (x1, x2, weight) "
+                    f"{[x1.shape[0], x2.shape[0], w.shape[0]]} "
+                    "must be equal or 1"
+                )
+            z = t.shape[0]
+    if any(t.shape[0] == 0 for t in (x1, x2, w)):
+        z = 0
+    if grad is not None and (grad.dim() != 2 or grad.shape[0] != z or grad.dtype != x1.dtype):
+        raise ValueError(f"tensor_product_triton: grad_out must be [{z}, out_dim] of dtype {x1.dtype}")
+    return z
+
+
+def _check_dims(plan: Plan, x1: Tensor, x2: Tensor, w: Tensor, out_dim: int) -> None:
+    for p in plan.paths:
+        if p.off1 + p.m1 * p.d1 > x1.shape[1] or p.off2 + p.m2 * p.d2 > x2.shape[1]:
+            raise ValueError("tensor_product_triton: x1 or x2 is narrower than the plan's blocks")
+        if p.offo + p.m1 * p.d3 > out_dim or (p.woff >= 0 and p.woff + p.m1 * p.m2 > w.shape[1]):
+            raise ValueError("tensor_product_triton: out_dim or weight is narrower than the plan's blocks")
+
+
+def _coverage(plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weights: int) -> tuple[bool, ...]:
+    """Whether the kernels write every element of (out, g1, gw); where not, the buffer starts zeroed."""
+    out, g1, gw = np.zeros(out_dim, bool), np.zeros(dim1, bool), np.zeros(num_weights, bool)
+    for p in plan.active(weighted_only):
+        out[p.offo : p.offo + p.m1 * p.d3] = True
+        g1[p.off1 : p.off1 + p.m1 * p.d1] = True
+        if p.woff >= 0:
+            gw[p.woff : p.woff + p.m1 * p.m2] = True
+    return bool(out.all()), bool(g1.all()), bool(gw.all())
+
+
+def _block_z(plan: Plan, dtype: torch.dtype) -> int:
+    return max(1, (256 if dtype == torch.float64 else 512) // plan.block_u)
+
+
+@torch.library.custom_op("equikern::tensor_product_triton", mutates_args=())
+def _tp_op(
+    x1: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    paths: Tensor,
+    cg_ijk: Tensor,
+    cg_val: Tensor,
+    key: str,
+    out_dim: int,
+    weighted_only: bool = False,
+) -> Tensor:
+    z = _check(x1, x2, weight)
+    plan = _plan(key, paths, cg_ijk, cg_val)
+    _check_dims(plan, x1, x2, weight, out_dim)
+    full, _, _ = _coverage(plan, weighted_only, x1.shape[1], out_dim, weight.shape[1])
+    out = (torch.empty if full else torch.zeros)((z, out_dim), dtype=x1.dtype, device=x1.device)
+    if z == 0 or out_dim == 0 or not plan.active(weighted_only):
+        return out.zero_()
+    x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
+    bz, bu = _block_z(plan, x1.dtype), plan.block_u
+    kernel = _kernel(key, "fwd", weighted_only)
+    grid = (-(-z // bz), plan.num_chunks)
+    strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1, x2, weight)]
+    with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
+        kernel[grid](x1, x2, weight, out, z, *strides, out_dim, ACC=_acc(x1.dtype), BZ=bz, BU=bu)
+    return out
+
+
+@_tp_op.register_fake
+def _(x1, x2, weight, paths, cg_ijk, cg_val, key, out_dim, weighted_only=False):
+    z = _check(x1, x2, weight)
+    return x1.new_empty((z, out_dim))
+
+
+@torch.library.custom_op("equikern::tensor_product_triton_backward", mutates_args=())
+def _tp_bwd_op(
+    grad_out: Tensor,
+    x1: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    paths: Tensor,
+    cg_ijk: Tensor,
+    cg_val: Tensor,
+    key: str,
+    weighted_only: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    z = _check(x1, x2, weight, grad_out)
+    plan = _plan(key, paths, cg_ijk, cg_val)
+    d1, d2, dw, out_dim = x1.shape[1], x2.shape[1], weight.shape[1], grad_out.shape[1]
+    _check_dims(plan, x1, x2, weight, out_dim)
+    _, full1, fullw = _coverage(plan, weighted_only, d1, out_dim, dw)
+    opts = dict(dtype=x1.dtype, device=x1.device)
+    nch = plan.num_chunks
+    g1 = (torch.empty if full1 else torch.zeros)((z, d1), **opts)
+    gw = (torch.empty if fullw else torch.zeros)((z, dw), **opts)
+    g2 = torch.empty((nch, z, d2), **opts)
+    if z > 0 and plan.active(weighted_only):
+        grad_out, x1c, x2c, wc = (t.contiguous() for t in (grad_out, x1, x2, weight))
+        bz, bu = _block_z(plan, x1.dtype), plan.block_u
+        kernel = _kernel(key, "bwd", weighted_only, d2)
+        strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1c, x2c, wc)]
+        with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
+            kernel[(-(-z // bz), nch)](
+                grad_out, x1c, x2c, wc, g1, g2, gw, z, *strides, out_dim, d1, d2, dw,
+                ACC=_acc(x1.dtype), BZ=bz, BU=bu,
+            )  # fmt: skip
+    else:
+        g1.zero_(), gw.zero_(), g2.zero_()
+    # the channel tiles' partial sums of g2, then broadcast operands' sums over the batch: fixed order
+    g2 = g2[0] if nch == 1 else g2.sum(0)
+
+    def reduce(g: Tensor, t: Tensor) -> Tensor:
+        return g.sum(0, keepdim=True) if t.shape[0] == 1 and z != 1 else g
+
+    return reduce(g1, x1), reduce(g2, x2), reduce(gw, weight)
+
+
+@_tp_bwd_op.register_fake
+def _(grad_out, x1, x2, weight, paths, cg_ijk, cg_val, key, weighted_only=False):
+    _check(x1, x2, weight, grad_out)
+    return torch.empty_like(x1), torch.empty_like(x2), torch.empty_like(weight)
+
+
+def tensor_product(x1, x2, weight, paths, cg_ijk, cg_val, key, out_dim, weighted_only=False) -> Tensor:
+    """``equikern.ops.tensor_product`` on the Triton kernels of a registered plan (see ``register_plan``)."""
+    return torch.ops.equikern.tensor_product_triton.default(
+        x1, x2, weight, paths, cg_ijk, cg_val, key, out_dim, weighted_only
+    )
+
+
+def tensor_product_backward(grad_out, x1, x2, weight, paths, cg_ijk, cg_val, key, weighted_only=False):
+    return torch.ops.equikern.tensor_product_triton_backward.default(
+        grad_out, x1, x2, weight, paths, cg_ijk, cg_val, key, weighted_only
+    )
+
+
+register_trilinear_autograd(_tp_op, _tp_bwd_op, tensor_product, tensor_product_backward)

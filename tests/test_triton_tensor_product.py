@@ -1,0 +1,227 @@
+"""The Triton tensor product (channelwise uvu plans) against e3nn and the C++ op.
+
+Without a GPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+sizes stay tiny; the tests marked cuda repeat the checks on the GPU at realistic sizes.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+from e3nn import o3
+
+import equikern
+from equikern.nn.tensor_product import channelwise_instructions
+from equikern.triton import tensor_product as ttp
+from test_tensor_product import inputs, random_problem, rel_err
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("float64_default")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def uvu_problem(rng: random.Random, max_mul: int = 3):
+    """Random uvu instructions: several paths per output block, unweighted paths, mul2 > 1."""
+    return random_problem(rng, "uvu", lmax=2, max_mul=max_mul)
+
+
+def pair(rng, dtype=torch.float64, **options):
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng)
+    ref = o3.TensorProduct(irreps1, irreps2, irreps_out, instr, **options).to(dtype)
+    ours = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, backend="triton", **options)
+    ours = ours.to(device=DEVICE, dtype=dtype)
+    if ref.internal_weights:
+        ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forward_and_gradients_match_e3nn(seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    options = {"shared_weights": rng.choice([True, False])}
+    if not options["shared_weights"]:
+        options["internal_weights"] = False
+    ref, ours = pair(rng, **options)
+    batch = rng.choice([(3,), (2, 2), (1,)])
+    x, y, w = inputs(ref, batch, torch.float64, gen, requires_grad=True)
+    args = [t for t in (x, y, w) if t is not None]
+    expected = ref(x, y, w)
+    got = ours(*(None if t is None else t.to(DEVICE) for t in (x, y, w)))
+    assert rel_err(got.cpu(), expected) < 1e-12
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, args, g.to(DEVICE)), torch.autograd.grad(expected, args, g)):
+        assert rel_err(a.cpu(), b) < 1e-12
+
+
+def test_channelwise_plan_with_broadcast_operands_matches_native():
+    """The MACE-shaped plan (one path per output block, per-sample weights), x2 and x1 broadcast."""
+    irreps_out, instr = channelwise_instructions("3x0e+2x1o+2x2e", "0e+1o+2e+3o", "0e+1o+2e+3o")
+    kw = dict(shared_weights=False, internal_weights=False)
+    tri = equikern.TensorProduct("3x0e+2x1o+2x2e", "0e+1o+2e+3o", irreps_out, instr, backend="triton", **kw)
+    nat = equikern.TensorProduct("3x0e+2x1o+2x2e", "0e+1o+2e+3o", irreps_out, instr, backend="native", **kw)
+    gen = torch.Generator().manual_seed(3)
+    for zx, zy in ((4, 1), (1, 4), (4, 4)):
+        x = torch.randn(zx, tri.irreps_in1.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+        y = torch.randn(zy, tri.irreps_in2.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+        w = torch.randn(4, tri.weight_numel, dtype=torch.float64, generator=gen, requires_grad=True)
+        a, b = tri(x, y, w), nat(x, y, w)
+        assert rel_err(a, b) < 1e-12
+        g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
+        for u, v in zip(torch.autograd.grad(a, (x, y, w), g), torch.autograd.grad(b, (x, y, w), g)):
+            assert u.shape == v.shape and rel_err(u, v) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    rng = random.Random(11)
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng)
+    tp = equikern.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, backend="triton", shared_weights=False, internal_weights=False
+    )
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, tp.irreps_in1.dim, generator=gen)
+    y = torch.randn(3, tp.irreps_in2.dim, generator=gen)
+    w = torch.randn(3, tp.weight_numel, generator=gen)
+    expected = tp(x.double(), y.double(), w.double())
+    got = tp(x.to(dtype), y.to(dtype), w.to(dtype))
+    assert got.dtype == dtype
+    # float16 inputs are rounded (2^-11 relative) before the float32 arithmetic
+    assert rel_err(got.double(), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gradcheck_and_gradgradcheck():
+    rng = random.Random(2)
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2)
+    tp = equikern.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, backend="triton", shared_weights=False, internal_weights=False
+    )
+    gen = torch.Generator().manual_seed(2)
+    args = [
+        torch.randn(2, d, dtype=torch.float64, generator=gen, requires_grad=True)
+        for d in (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.weight_numel)
+    ]
+    assert torch.autograd.gradcheck(tp, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(tp, args, fast_mode=True)
+
+
+def test_opcheck():
+    rng = random.Random(4)
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2)
+    tp = equikern.TensorProduct(
+        irreps1, irreps2, irreps_out, instr, backend="triton", shared_weights=False, internal_weights=False
+    )
+    gen = torch.Generator().manual_seed(4)
+    x, y, w = (
+        torch.randn(3, d, dtype=torch.float64, generator=gen, requires_grad=True)
+        for d in (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.weight_numel)
+    )
+    plan = (tp._paths, tp._cg_ijk, tp._cg_bits.view(torch.float64), tp._triton_key)
+    g = torch.randn(3, tp.irreps_out.dim, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(ttp._tp_op, (x, y, w, *plan, tp.irreps_out.dim, False))
+    torch.library.opcheck(ttp._tp_bwd_op, (g, x, y, w, *plan, False))
+
+
+def test_plan_is_rebuilt_from_tables_and_cached_on_disk(tmp_path, monkeypatch):
+    """A fresh process (an exported program, an unpickled module) knows only the tables."""
+    monkeypatch.setenv("EQUIKERN_CACHE_DIR", str(tmp_path))
+    tp = equikern.ChannelwiseTensorProduct(
+        "2x0e+1x1o", "0e+1o", "0e+1o", shared_weights=True, internal_weights=True, backend="triton"
+    ).double()
+    key = tp._triton_key
+    x = torch.randn(2, tp.irreps_in1.dim, dtype=torch.float64)
+    y = torch.randn(2, tp.irreps_in2.dim, dtype=torch.float64)
+    expected = tp(x, y)
+    monkeypatch.delitem(ttp._PLANS, key)
+    ttp._kernel.cache_clear()
+    assert torch.equal(tp(x, y), expected)
+    assert key in ttp._PLANS
+    assert any(name.endswith(".py") for name in os.listdir(tmp_path / "triton"))
+    with pytest.raises(ValueError, match="key does not match"):
+        ttp.tensor_product(
+            x, y, tp.weight.reshape(1, -1), tp._paths, tp._cg_ijk, tp._cg_ijk[:0, 0].double(), key, 8
+        )
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="every instruction 'uvu'"):
+        equikern.FullyConnectedTensorProduct("2x0e", "0e", "2x0e", backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        equikern.FullyConnectedTensorProduct("2x0e", "0e", "2x0e", backend="cuda")
+    tp = equikern.ChannelwiseTensorProduct("2x0e+1x1o", "0e+1o", "0e+1o", backend="triton")
+    plan = (tp._paths, tp._cg_ijk, tp._cg_bits.view(torch.float64), tp._triton_key)
+    x, y, w = (torch.randn(*s, dtype=torch.float32) for s in ((3, 5), (3, 4), (1, tp.weight_numel)))
+    with pytest.raises(ValueError, match="x2 must be 2-D"):
+        ttp.tensor_product(x, y[0], w, *plan, tp.irreps_out.dim)
+    with pytest.raises(ValueError, match="x2 is torch.float64"):
+        ttp.tensor_product(x, y.double(), w, *plan, tp.irreps_out.dim)
+    with pytest.raises(ValueError, match="batch sizes"):
+        ttp.tensor_product(x, y[:2], w, *plan, tp.irreps_out.dim)
+    with pytest.raises(ValueError, match="narrower"):
+        ttp.tensor_product(x[:, :4], y, w, *plan, tp.irreps_out.dim)
+    with pytest.raises(ValueError, match="dtype must be"):
+        ttp.tensor_product(x.int(), y.int(), w.int(), *plan, tp.irreps_out.dim)
+    with pytest.raises(ValueError, match="grad_out"):
+        ttp.tensor_product_backward(torch.randn(2, 7), x, y, w, *plan)
+
+
+def test_torch_compile_fullgraph():
+    tp = equikern.ChannelwiseTensorProduct(
+        "2x0e+1x1o", "0e+1o", "0e+1o", shared_weights=True, internal_weights=True, backend="triton"
+    ).double()
+    x = torch.randn(3, tp.irreps_in1.dim, dtype=torch.float64)
+    y = torch.randn(3, tp.irreps_in2.dim, dtype=torch.float64)
+    compiled = torch.compile(tp, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x, y), tp(x, y), rtol=1e-12, atol=1e-12)
+
+
+# -- on the GPU, compiled kernels at realistic sizes ----------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("problem", ["mace-medium", "nequip-like"])
+def test_cuda_matches_cpu_native(dtype, problem):
+    irreps1, irreps2 = {
+        "mace-medium": ("64x0e+64x1o", "0e+1o+2e+3o"),
+        "nequip-like": ("32x0e+16x1o+8x2e+3x3o", "2x0e+1o+2e"),
+    }[problem]
+    tp = equikern.ChannelwiseTensorProduct(irreps1, irreps2, "0e+1o+2e+3o", backend="auto")
+    gen = torch.Generator().manual_seed(9)
+    z = 1001
+    x, y, w = (
+        torch.randn(z, d, generator=gen) for d in (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.weight_numel)
+    )
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+
+    def run(device, dt):
+        a, b, c = (t.to(device, dt).requires_grad_() for t in (x, y, w))
+        out = tp.to(device)(a, b, c)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), (a, b, c), create_graph=True)
+        second = torch.autograd.grad(sum(g.float().pow(2).sum() for g in grads), (a, b, c))
+        return (out, *grads, *second)
+
+    first = run("cuda", dtype)
+    for got, expected in zip(first, run("cpu", torch.float64)):
+        assert got.dtype == dtype
+        assert rel_err(got.detach().double().cpu(), expected.detach()) < tol * (10 if got is first[-1] else 1)
+    for a, b in zip(first, run("cuda", dtype)):  # no atomics: bitwise reproducible
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_compile_and_export():
+    tp = equikern.ChannelwiseTensorProduct("32x0e+32x1o", "0e+1o+2e", "0e+1o+2e").cuda()
+    assert tp._triton_key is not None
+    x = torch.randn(100, tp.irreps_in1.dim, device="cuda")
+    y = torch.randn(100, tp.irreps_in2.dim, device="cuda")
+    w = torch.randn(100, tp.weight_numel, device="cuda")
+    expected = tp(x, y, w)
+    assert torch.allclose(torch.compile(tp, fullgraph=True)(x, y, w), expected, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(tp, (x, y, w))
+    assert torch.allclose(exported.module()(x, y, w), expected, rtol=1e-5, atol=1e-5)
