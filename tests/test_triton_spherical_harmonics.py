@@ -139,6 +139,7 @@ def test_non_contiguous_input(float64_default):
         ([3, 1], False, "component"),
         ([2, 4], True, "norm"),
         (5, False, "norm"),
+        (0, True, "integral"),
     ],
 )
 def test_gradcheck_and_gradgradcheck(ls, normalize, normalization):

@@ -174,23 +174,55 @@ def _table(code: _Code, p: Path, v: int, tag: str) -> dict[tuple[int, int], str]
     return names
 
 
-def _forward_source(plan: Plan, weighted_only: bool) -> str:
+def _prologue(code: _Code, gather: bool) -> None:
+    """Rows of one tile of samples: z (the samples; for a convolution, its edges) and, gathering,
+    the edges' source and destination nodes."""
+    code("zr = tl.program_id(0) * BZ + tl.arange(0, BZ)")
+    code("zv = zr < Z")
+    code("zm = zv[:, None]")
+    code("z = zr.to(tl.int64)[:, None]")
+    code("u0 = tl.program_id(1) * BU")
+    code("u = u0 + tl.arange(0, BU)[None, :]")
+    if gather:
+        code("n1 = tl.load(src + zr, mask=zv, other=0).to(tl.int64)[:, None]")
+        code("no = tl.load(dst + zr, mask=zv, other=0).to(tl.int64)[:, None]")
+    else:
+        code("n1 = z")
+        code("no = z")
+
+
+def _forward_paths(code: _Code, group: list, offo: int, d3: int, started: set) -> None:
+    """Adds into o{k} the paths of one output block (x1 rows at p1, x2 at p2, weights at pw, mask m)."""
+    for q, p in enumerate(group):
+        for i in sorted({i for i, _, _, _ in p.cg}):
+            code(f"a{i} = tl.load(p1 + ({p.off1} + u * {p.d1} + {i}), mask=m, other=0.0).to(ACC)")
+        for v in range(p.m2):
+            t = _table(code, p, v, f"{offo}_{q}_{v}")
+            if p.woff >= 0:
+                code(f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)")
+            for k in range(d3):
+                terms = [f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k]
+                if not terms:
+                    continue
+                s = f"({_sum(terms)})"
+                s = f"wt * {s}" if p.woff >= 0 else s
+                code(f"o{k} = o{k} + {s}" if k in started else f"o{k} = {s}")
+                started.add(k)
+
+
+def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False) -> str:
+    """out[z] = TP(x1[z], x2[z], w[z]); gathering (a convolution's edges, atomic mode):
+    out[dst[z]] += TP(x1[src[z]], x2[z], w[z]) with atomic adds into a zeroed out."""
     code = _Code()
     code("@triton.jit")
-    header = (
-        "def kernel(x1, x2, w, out, Z, s1, s2, sw, so, "
-        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
-    )
+    args = "x1, x2, w, out, src, dst" if gather else "x1, x2, w, out"
+    header = f"def kernel({args}, Z, s1, s2, sw, so, ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     with code.block(header):
-        code("zr = tl.program_id(0) * BZ + tl.arange(0, BZ)")
-        code("zm = (zr < Z)[:, None]")
-        code("z = zr.to(tl.int64)[:, None]")
-        code("u0 = tl.program_id(1) * BU")
-        code("u = u0 + tl.arange(0, BU)[None, :]")
-        code("p1 = x1 + z * s1")
+        _prologue(code, gather)
+        code("p1 = x1 + n1 * s1")
         code("p2 = x2 + z * s2")
         code("pw = w + z * sw")
-        code("po = out + z * so")
+        code("po = out + no * so")
         groups: dict[tuple[int, int, int], list[Path]] = {}
         for p in plan.active(weighted_only):
             groups.setdefault((p.offo, p.m1, p.d3), []).append(p)
@@ -198,55 +230,81 @@ def _forward_source(plan: Plan, weighted_only: bool) -> str:
             with code.block(f"if u0 < {mo}:"):
                 code(f"m = zm & (u < {mo})")
                 started: set[int] = set()
-                for q, p in enumerate(group):
-                    tag = f"{offo}_{q}"
-                    ins = sorted({i for i, _, _, _ in p.cg})
-                    for i in ins:
-                        code(f"a{i} = tl.load(p1 + ({p.off1} + u * {p.d1} + {i}), mask=m, other=0.0).to(ACC)")
-                    for v in range(p.m2):
-                        t = _table(code, p, v, f"{tag}_{v}")
-                        if p.woff >= 0:
-                            code(
-                                f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)"
-                            )
-                        for k in range(d3):
-                            terms = [f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k]
-                            if not terms:
-                                continue
-                            s = f"({_sum(terms)})"
-                            s = f"wt * {s}" if p.woff >= 0 else s
-                            code(f"o{k} = o{k} + {s}" if k in started else f"o{k} = {s}")
-                            started.add(k)
-                for k in range(d3):
-                    value = (
-                        f"o{k}.to(out.dtype.element_ty)"
-                        if k in started
-                        else "tl.zeros([BZ, BU], out.dtype.element_ty)"
-                    )
-                    code(f"tl.store(po + ({offo} + u * {d3} + {k}), {value}, mask=m)")
+                _forward_paths(code, group, offo, d3, started)
+                for k in sorted(started) if gather else range(d3):
+                    ptr = f"po + ({offo} + u * {d3} + {k})"
+                    if gather:
+                        code(f"tl.atomic_add({ptr}, o{k}.to(out.dtype.element_ty), mask=m, sem='relaxed')")
+                    elif k in started:
+                        code(f"tl.store({ptr}, o{k}.to(out.dtype.element_ty), mask=m)")
+                    else:
+                        code(f"tl.store({ptr}, tl.zeros([BZ, BU], out.dtype.element_ty), mask=m)")
     return "\n".join(code.lines)
 
 
-def _backward_source(plan: Plan, weighted_only: bool, dim2: int) -> str:
+def _backward_paths(code: _Code, group: list, started: set, shared_w: bool, loop_w: bool = False) -> None:
+    """The gradients of the paths of one x1 block (x1 rows a{i} loaded, mask m): adds into ga{i} and
+    e{j} (x2's gradient, summed over the tile's channels) and writes the weights' gradients at qw
+    (shared_w: summed over the tile's samples; loop_w: added into gs{woff}_{v} instead)."""
+    for q, p in enumerate(group):
+        for k in sorted({k for _, _, k, _ in p.cg}):
+            code(f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)")
+        for v in range(p.m2):
+            t = _table(code, p, v, f"{q}_{v}")
+            weighted = p.woff >= 0
+            if weighted:
+                code(f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)")
+            hs = sorted({i for i, _ in t})
+            for i in hs:
+                code(f"h{i} = {_sum([f'{t[ii, k]} * go{k}' for (ii, k) in t if ii == i])}")
+                s = f"wt * h{i}" if weighted else f"h{i}"
+                code(f"ga{i} = ga{i} + {s}" if i in started else f"ga{i} = {s}")
+                started.add(i)
+            if weighted:
+                code(f"gwt = {_sum([f'a{i} * h{i}' for i in hs])}")
+                ptr = f"qw + ({p.woff} + u * {p.m2} + {v})"
+                if loop_w:
+                    code(f"gs{p.woff}_{v} = gs{p.woff}_{v} + tl.sum(gwt, axis=0)[None, :]")
+                elif shared_w:
+                    code(
+                        f"tl.store({ptr}, tl.sum(gwt, axis=0)[None, :].to(gw.dtype.element_ty), "
+                        f"mask=u < {p.m1})"
+                    )
+                else:
+                    code(f"tl.store({ptr}, gwt.to(gw.dtype.element_ty), mask=m)")
+                for i in sorted({i for i, _, _, _ in p.cg}):
+                    code(f"wa{i} = wt * a{i}")
+            src = "wa" if weighted else "a"
+            by_j: dict[int, list[str]] = {}
+            for i, j, k, c in p.cg:
+                by_j.setdefault(j, []).append(f"{c!r} * {src}{i} * go{k}")
+            for j, terms in sorted(by_j.items()):
+                jj = p.off2 + v * p.d2 + j
+                code(f"e{jj} = e{jj} + tl.sum({_sum(terms)}, axis=1)")
+
+
+def _backward_source(
+    plan: Plan, weighted_only: bool, dim2: int, gather: bool = False, shared_w: bool = False
+) -> str:
+    """Gradients of out[z] = TP(x1[z], x2[z], w[z]) for one tile: g1 [Z, dim1] (gathering: atomic adds
+    into g1[src[z]]), g2 partial sums per channel tile [num tiles, Z, dim2], gw [Z, nw] (shared_w: one
+    row per tile of samples, summed over them)."""
     code = _Code()
     code("@triton.jit")
+    args = "g, x1, x2, w, g1, g2, gw, src, dst" if gather else "g, x1, x2, w, g1, g2, gw"
     header = (
-        "def kernel(g, x1, x2, w, g1, g2, gw, Z, s1, s2, sw, so, r1, r2, rw, "
+        f"def kernel({args}, Z, s1, s2, sw, so, r1, r2, rw, "
         "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     )
     with code.block(header):
-        code("zr = tl.program_id(0) * BZ + tl.arange(0, BZ)")
-        code("zm = (zr < Z)[:, None]")
-        code("z = zr.to(tl.int64)[:, None]")
-        code("u0 = tl.program_id(1) * BU")
-        code("u = u0 + tl.arange(0, BU)[None, :]")
-        code("p1 = x1 + z * s1")
+        _prologue(code, gather)
+        code("p1 = x1 + n1 * s1")
         code("p2 = x2 + z * s2")
         code("pw = w + z * sw")
-        code("pg = g + z * so")
-        code("q1 = g1 + z * r1")
+        code("pg = g + no * so")
+        code("q1 = g1 + n1 * r1")
         code("q2 = g2 + (tl.program_id(1) * Z + z) * r2")
-        code("qw = gw + z * rw")
+        code("qw = gw + " + ("tl.program_id(0) * rw" if shared_w else "z * rw"))
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ], ACC)")
         groups: dict[tuple[int, int, int], list[Path]] = {}
@@ -258,47 +316,15 @@ def _backward_source(plan: Plan, weighted_only: bool, dim2: int) -> str:
                 for i in range(d1):
                     code(f"a{i} = tl.load(p1 + ({off1} + u * {d1} + {i}), mask=m, other=0.0).to(ACC)")
                 started: set[int] = set()
-                for q, p in enumerate(group):
-                    ks = sorted({k for _, _, k, _ in p.cg})
-                    for k in ks:
-                        code(
-                            f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)"
-                        )
-                    for v in range(p.m2):
-                        t = _table(code, p, v, f"{q}_{v}")
-                        weighted = p.woff >= 0
-                        if weighted:
-                            code(
-                                f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)"
-                            )
-                        hs = sorted({i for i, _ in t})
-                        for i in hs:
-                            code(f"h{i} = {_sum([f'{t[ii, k]} * go{k}' for (ii, k) in t if ii == i])}")
-                            s = f"wt * h{i}" if weighted else f"h{i}"
-                            code(f"ga{i} = ga{i} + {s}" if i in started else f"ga{i} = {s}")
-                            started.add(i)
-                        if weighted:
-                            code(f"gwt = {_sum([f'a{i} * h{i}' for i in hs])}")
-                            code(
-                                f"tl.store(qw + ({p.woff} + u * {p.m2} + {v}), "
-                                "gwt.to(gw.dtype.element_ty), mask=m)"
-                            )
-                            for i in sorted({i for i, _, _, _ in p.cg}):
-                                code(f"wa{i} = wt * a{i}")
-                        src = "wa" if weighted else "a"
-                        by_j: dict[int, list[str]] = {}
-                        for i, j, k, c in p.cg:
-                            by_j.setdefault(j, []).append(f"{c!r} * {src}{i} * go{k}")
-                        for j, terms in sorted(by_j.items()):
-                            jj = p.off2 + v * p.d2 + j
-                            code(f"e{jj} = e{jj} + tl.sum({_sum(terms)}, axis=1)")
-                for i in range(d1):
-                    value = (
-                        f"ga{i}.to(g1.dtype.element_ty)"
-                        if i in started
-                        else "tl.zeros([BZ, BU], g1.dtype.element_ty)"
-                    )
-                    code(f"tl.store(q1 + ({off1} + u * {d1} + {i}), {value}, mask=m)")
+                _backward_paths(code, group, started, shared_w)
+                for i in sorted(started) if gather else range(d1):
+                    ptr = f"q1 + ({off1} + u * {d1} + {i})"
+                    if gather:
+                        code(f"tl.atomic_add({ptr}, ga{i}.to(g1.dtype.element_ty), mask=m, sem='relaxed')")
+                    elif i in started:
+                        code(f"tl.store({ptr}, ga{i}.to(g1.dtype.element_ty), mask=m)")
+                    else:
+                        code(f"tl.store({ptr}, tl.zeros([BZ, BU], g1.dtype.element_ty), mask=m)")
         for j in range(dim2):
             code(f"tl.store(q2 + {j}, e{j}[:, None].to(g2.dtype.element_ty), mask=zm)")
     return "\n".join(code.lines)
@@ -343,12 +369,19 @@ def load_kernel(source: str, kind: str):
     return module.kernel
 
 
+# kind -> source generator(plan, weighted_only, dim2, shared_w); the convolution module adds its own
+GENERATORS = {
+    "tp_fwd": lambda plan, wo, dim2, shared_w: _forward_source(plan, wo),
+    "tp_bwd": lambda plan, wo, dim2, shared_w: _backward_source(plan, wo, dim2, shared_w=shared_w),
+    "conv_fwd_atomic": lambda plan, wo, dim2, shared_w: _forward_source(plan, wo, gather=True),
+    "conv_bwd_atomic": lambda plan, wo, dim2, shared_w: _backward_source(plan, wo, dim2, True, shared_w),
+}
+
+
 @functools.lru_cache(maxsize=256)
-def _kernel(key: str, direction: str, weighted_only: bool, dim2: int = 0):
-    plan = _PLANS[key]
-    if direction == "fwd":
-        return load_kernel(_forward_source(plan, weighted_only), "tp_fwd")
-    return load_kernel(_backward_source(plan, weighted_only, dim2), "tp_bwd")
+def kernel(key: str, kind: str, weighted_only: bool, dim2: int = 0, shared_w: bool = False):
+    """The compiled kernel of one kind for a registered plan."""
+    return load_kernel(GENERATORS[kind](_PLANS[key], weighted_only, dim2, shared_w), kind)
 
 
 # -- the ops ------------------------------------------------------------------------------------------
@@ -434,11 +467,11 @@ def _tp_op(
         return out.zero_()
     x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
     bz, bu = _block_z(plan, x1.dtype), plan.block_u
-    kernel = _kernel(key, "fwd", weighted_only)
+    fwd = kernel(key, "tp_fwd", weighted_only)
     grid = (-(-z // bz), plan.num_chunks)
     strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1, x2, weight)]
     with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
-        kernel[grid](x1, x2, weight, out, z, *strides, out_dim, ACC=_acc(x1.dtype), BZ=bz, BU=bu)
+        fwd[grid](x1, x2, weight, out, z, *strides, out_dim, ACC=_acc(x1.dtype), BZ=bz, BU=bu)
     return out
 
 
@@ -466,27 +499,29 @@ def _tp_bwd_op(
     _check_dims(plan, x1, x2, weight, out_dim)
     _, full1, fullw = _coverage(plan, weighted_only, d1, out_dim, dw)
     opts = dict(dtype=x1.dtype, device=x1.device)
-    nch = plan.num_chunks
+    nch, bz, bu = plan.num_chunks, _block_z(plan, x1.dtype), plan.block_u
+    tiles = -(-z // bz)
+    shared_w = weight.shape[0] == 1  # its gradient: one partial sum per tile of samples
     g1 = (torch.empty if full1 else torch.zeros)((z, d1), **opts)
-    gw = (torch.empty if fullw else torch.zeros)((z, dw), **opts)
+    gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else z, dw), **opts)
     g2 = torch.empty((nch, z, d2), **opts)
     if z > 0 and plan.active(weighted_only):
         grad_out, x1c, x2c, wc = (t.contiguous() for t in (grad_out, x1, x2, weight))
-        bz, bu = _block_z(plan, x1.dtype), plan.block_u
-        kernel = _kernel(key, "bwd", weighted_only, d2)
+        bwd = kernel(key, "tp_bwd", weighted_only, d2, shared_w)
         strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1c, x2c, wc)]
         with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
-            kernel[(-(-z // bz), nch)](
+            bwd[(tiles, nch)](
                 grad_out, x1c, x2c, wc, g1, g2, gw, z, *strides, out_dim, d1, d2, dw,
                 ACC=_acc(x1.dtype), BZ=bz, BU=bu,
             )  # fmt: skip
     else:
         g1.zero_(), gw.zero_(), g2.zero_()
-    # the channel tiles' partial sums of g2, then broadcast operands' sums over the batch: fixed order
+    # partial sums (channel tiles for g2, sample tiles for shared weights, the batch for broadcast
+    # operands) are reduced in a fixed order
     g2 = g2[0] if nch == 1 else g2.sum(0)
 
     def reduce(g: Tensor, t: Tensor) -> Tensor:
-        return g.sum(0, keepdim=True) if t.shape[0] == 1 and z != 1 else g
+        return g.sum(0, keepdim=True) if t.shape[0] == 1 and g.shape[0] != 1 else g
 
     return reduce(g1, x1), reduce(g2, x2), reduce(gw, weight)
 
