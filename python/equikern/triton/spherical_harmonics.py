@@ -27,10 +27,10 @@ With T_m(g, x, V) = g . D^m f(x)[V] the identities used are: d/dg T_m = D^m f[V]
 d/dx T_m (its second) and, the derivatives being symmetric, d/dv_i T_m = grad_x T_{m-1}(g, x, V without
 v_i). So for a cotangent (c_a, c_b) of the jet's outputs, L = T_m(c_a, x, V) + T_{m+1}(g, x, V + [c_b]).
 
-The ops are ``torch.library.triton_op`` (kernels launched through ``wrap_triton``, so ``torch.compile``
-sees them and ``torch.export`` keeps the ops) when Triton compiles for a GPU. Under Triton's interpreter
-(``TRITON_INTERPRET=1``, no GPU) a kernel cannot be traced, so the same functions are registered as plain
-``torch.library.custom_op`` with a separate fake kernel: identical numerics, opaque to the compiler.
+The ops are ``torch.library.custom_op`` with fake kernels, like every equikern op: ``torch.compile`` and
+``torch.export`` keep them as opaque calls. (``triton_op`` would let the compiler see the kernels, but
+under Triton's interpreter, which is how CI runs them, kernels cannot be traced; one registration for
+both keeps what CI tests the same as what runs on a GPU.)
 """
 
 import functools
@@ -439,10 +439,6 @@ def _kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _check(what: str, t: Tensor, x: Tensor | None, cols: int, lead: tuple = ()) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -479,9 +475,7 @@ def _check_config(degrees, normalization) -> tuple[int, ...]:
 def _launch(kernel_info, n: int, *args) -> None:
     kernel, block, warps = kernel_info
     if n > 0:
-        from torch.library import wrap_triton
-
-        wrap_triton(kernel)[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=warps)
+        kernel[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=warps)
 
 
 def _forward_impl(x: Tensor, degrees: list[int], normalize: bool, normalization: str) -> Tensor:
@@ -551,12 +545,8 @@ def _fake_jet(grad, x, directions, degrees, normalize, normalization):
 
 
 def _define(name: str, impl, fake):
-    qualname = f"equikern::{name}"
-    if _interpreting():
-        op = torch.library.custom_op(qualname, impl, mutates_args=())
-        op.register_fake(fake)
-    else:
-        op = torch.library.triton_op(qualname, impl, mutates_args=())
+    op = torch.library.custom_op(f"equikern::{name}", impl, mutates_args=())
+    op.register_fake(fake)
     return op
 
 

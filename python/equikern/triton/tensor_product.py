@@ -159,11 +159,11 @@ def _sum(terms: list[str]) -> str:
     return " + ".join(terms) if terms else "0.0"
 
 
-def _table(code: _Code, p: Path, v: int, tag: str) -> dict[tuple[int, int], str]:
+def _table(code: _Code, p: Path, v: int, tag: str, xmask: str = "zm") -> dict[tuple[int, int], str]:
     """Emits t[i, k] = sum_j C[i, j, k] x2[v, j] ([BZ, 1] per sample); returns {(i, k): name}."""
     js = sorted({j for _, j, _, _ in p.cg})
     for j in js:
-        code(f"b{j} = tl.load(p2 + {p.off2 + v * p.d2 + j}, mask=zm, other=0.0).to(ACC)")
+        code(f"b{j} = tl.load(p2 + {p.off2 + v * p.d2 + j}, mask={xmask}, other=0.0).to(ACC)")
     entries: dict[tuple[int, int], list[str]] = {}
     for i, j, k, c in p.cg:
         entries.setdefault((i, k), []).append(f"{c!r} * b{j}")
@@ -191,13 +191,14 @@ def _prologue(code: _Code, gather: bool) -> None:
         code("no = z")
 
 
-def _forward_paths(code: _Code, group: list, offo: int, d3: int, started: set) -> None:
-    """Adds into o{k} the paths of one output block (x1 rows at p1, x2 at p2, weights at pw, mask m)."""
+def _forward_paths(code: _Code, group: list, offo: int, d3: int, started: set, xmask: str = "zm") -> None:
+    """Adds into o{k} the paths of one output block (x1 rows at p1, x2 at p2, weights at pw, mask m;
+    x2's rows are masked by xmask)."""
     for q, p in enumerate(group):
         for i in sorted({i for i, _, _, _ in p.cg}):
             code(f"a{i} = tl.load(p1 + ({p.off1} + u * {p.d1} + {i}), mask=m, other=0.0).to(ACC)")
         for v in range(p.m2):
-            t = _table(code, p, v, f"{offo}_{q}_{v}")
+            t = _table(code, p, v, f"{offo}_{q}_{v}", xmask)
             if p.woff >= 0:
                 code(f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)")
             for k in range(d3):
@@ -242,15 +243,24 @@ def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False) -> st
     return "\n".join(code.lines)
 
 
-def _backward_paths(code: _Code, group: list, started: set, shared_w: bool, loop_w: bool = False) -> None:
-    """The gradients of the paths of one x1 block (x1 rows a{i} loaded, mask m): adds into ga{i} and
-    e{j} (x2's gradient, summed over the tile's channels) and writes the weights' gradients at qw
-    (shared_w: summed over the tile's samples; loop_w: added into gs{woff}_{v} instead)."""
+def _backward_paths(
+    code: _Code,
+    group: list,
+    started: set,
+    shared_w: bool,
+    loop_w: bool = False,
+    pre: str = "",
+    xmask: str = "zm",
+) -> None:
+    """The gradients of the paths of one x1 block (x1 rows a{pre}{i} loaded, mask m): adds into
+    ga{pre}{i} and e{j} (x2's gradient, summed over the tile's channels) and writes the weights'
+    gradients at qw (shared_w: summed over the tile's samples; loop_w: added into gs{woff}_{v})."""
+    a, ga, wa = f"a{pre}", f"ga{pre}", f"wa{pre}"
     for q, p in enumerate(group):
         for k in sorted({k for _, _, k, _ in p.cg}):
             code(f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)")
         for v in range(p.m2):
-            t = _table(code, p, v, f"{q}_{v}")
+            t = _table(code, p, v, f"{pre}{q}_{v}", xmask)
             weighted = p.woff >= 0
             if weighted:
                 code(f"wt = tl.load(pw + ({p.woff} + u * {p.m2} + {v}), mask=m, other=0.0).to(ACC)")
@@ -258,10 +268,10 @@ def _backward_paths(code: _Code, group: list, started: set, shared_w: bool, loop
             for i in hs:
                 code(f"h{i} = {_sum([f'{t[ii, k]} * go{k}' for (ii, k) in t if ii == i])}")
                 s = f"wt * h{i}" if weighted else f"h{i}"
-                code(f"ga{i} = ga{i} + {s}" if i in started else f"ga{i} = {s}")
+                code(f"{ga}{i} = {ga}{i} + {s}" if i in started else f"{ga}{i} = {s}")
                 started.add(i)
             if weighted:
-                code(f"gwt = {_sum([f'a{i} * h{i}' for i in hs])}")
+                code(f"gwt = {_sum([f'{a}{i} * h{i}' for i in hs])}")
                 ptr = f"qw + ({p.woff} + u * {p.m2} + {v})"
                 if loop_w:
                     code(f"gs{p.woff}_{v} = gs{p.woff}_{v} + tl.sum(gwt, axis=0)[None, :]")
@@ -273,8 +283,8 @@ def _backward_paths(code: _Code, group: list, started: set, shared_w: bool, loop
                 else:
                     code(f"tl.store({ptr}, gwt.to(gw.dtype.element_ty), mask=m)")
                 for i in sorted({i for i, _, _, _ in p.cg}):
-                    code(f"wa{i} = wt * a{i}")
-            src = "wa" if weighted else "a"
+                    code(f"{wa}{i} = wt * {a}{i}")
+            src = wa if weighted else a
             by_j: dict[int, list[str]] = {}
             for i, j, k, c in p.cg:
                 by_j.setdefault(j, []).append(f"{c!r} * {src}{i} * go{k}")
