@@ -23,10 +23,12 @@ PYTEST_ARGS ?=
 $(PY):
 	python3 -m venv $(VENV)
 
+# numpy < 2.4: triton 3.6's interpreter (which runs the Triton kernels in CI; 3.6 is what the GPU
+# machines' torch bundles) converts 1-element arrays to int, an error since numpy 2.4.
 $(STAMP): | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q scikit-build-core numpy pytest e3nn ruff clang-format matplotlib tqdm triton==3.6.0
+	$(PIP) install -q scikit-build-core "numpy<2.4" pytest e3nn ruff clang-format matplotlib tqdm triton==3.6.0
 	touch $@
 
 deps: $(STAMP)

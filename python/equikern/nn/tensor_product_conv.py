@@ -12,6 +12,7 @@ from torch import Tensor
 
 from equikern.nn.tensor_product import TensorProduct
 from equikern.ops.tensor_product_conv import conv_graph, tensor_product_conv
+from equikern.triton.tensor_product_conv import tensor_product_conv as triton_conv
 
 
 class TensorProductConv(TensorProduct):
@@ -25,10 +26,13 @@ class TensorProductConv(TensorProduct):
     integer indices; returns [num_nodes, irreps_out.dim] with num_nodes = N_src by default.
 
     Edges may come in any order, with repeats. Every call groups them by destination (forward) and by source
-    (backward) with a stable O(E) counting sort, so each node's messages are summed in edge order by one
-    thread: on the CPU both ``deterministic=True`` and the default are bitwise reproducible from run to run
-    and for any number of threads (``deterministic`` selects a kernel only on a GPU). Indices out of range
-    raise an error naming the argument.
+    (backward) with a stable sort, so each node's messages are summed in edge order by one thread: on the
+    CPU both ``deterministic=True`` and the default are bitwise reproducible from run to run and for any
+    number of threads. On a GPU (the Triton kernels of :mod:`equikern.triton.tensor_product_conv`, for
+    all-``uvu`` instruction lists) the default adds messages with atomics, and ``deterministic=True``
+    walks the groupings instead (no floating-point atomics: bitwise reproducible). Indices out of range
+    raise an error naming the argument. ``backend`` is as for ``TensorProduct``; CUDA tensors with
+    instructions other than ``uvu`` are not supported yet (an error says so).
     """
 
     def __init__(self, *args, deterministic: bool = False, **kwargs) -> None:
@@ -89,14 +93,19 @@ class TensorProductConv(TensorProduct):
             w2 = w
         n = x.shape[0] if num_nodes is None else num_nodes
         graph = conv_graph(edge_src.long(), edge_dst.long(), x.shape[0], n)
+        cg_val = self._cg_bits.view(torch.float64)
+        if self._triton_key is not None and (self.backend == "triton" or x.is_cuda):
+            return triton_conv(
+                x, edge_attr, w2, graph, self._paths, self._cg_ijk, cg_val, self._triton_key,
+                self.deterministic, self._dim_out,
+            )  # fmt: skip
+        if x.is_cuda:
+            modes = sorted({i.connection_mode for i in self.instructions})
+            raise NotImplementedError(
+                "TensorProductConv: on CUDA the convolution runs on Triton kernels for all-'uvu' "
+                f"instruction lists (backend 'auto' or 'triton'); this one has modes {modes} and backend "
+                f"{self.backend!r}"
+            )
         return tensor_product_conv(
-            x,
-            edge_attr,
-            w2,
-            graph,
-            self._paths,
-            self._blocks,
-            self._cg_ijk,
-            self._cg_bits.view(torch.float64),
-            self._dim_out,
+            x, edge_attr, w2, graph, self._paths, self._blocks, self._cg_ijk, cg_val, self._dim_out
         )

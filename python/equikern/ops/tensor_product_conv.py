@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from equikern.ops.tensor_product import register_trilinear_autograd
+
 
 class ConvGraph(NamedTuple):
     """An edge list grouped by destination and by source (stable: edges keep their order in a group)."""
@@ -93,59 +95,32 @@ def _(grad_out, x, edge_attr, weight, *rest):
     return torch.empty_like(x), torch.empty_like(edge_attr), torch.empty_like(weight)
 
 
-_PLAN = slice(9, 13)  # paths, blocks, cg_ijk, cg_val in the forward's inputs
+@torch.library.impl("equikern::tensor_product_conv_csr", "CUDA")
+def _conv_csr_cuda(index: Tensor, size: int, name: str) -> tuple[Tensor, Tensor]:
+    """The grouping on the GPU: a stable sort and a histogram (the CPU op is a counting sort in C++)."""
+    if index.dim() != 1 or index.dtype != torch.int64:
+        raise RuntimeError(
+            f"tensor_product_conv: {name} must be a 1-D int64 tensor, got {index.dtype} {tuple(index.shape)}"
+        )
+    if size < 0:
+        raise RuntimeError(f"tensor_product_conv: the number of nodes for {name} must be >= 0, got {size}")
+    if index.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        if lo < 0 or hi >= size:
+            bad = lo if lo < 0 else hi
+            e = int(torch.nonzero(index == bad)[0, 0])
+            raise RuntimeError(f"tensor_product_conv: {name}[{e}] = {bad} is out of range [0, {size})")
+    perm = torch.sort(index, stable=True).indices
+    ptr = torch.zeros(size + 1, dtype=torch.int64, device=index.device)
+    ptr[1:] = torch.cumsum(torch.bincount(index, minlength=size), 0)
+    return perm, ptr
 
 
-def _fwd_setup(ctx, inputs, output):
-    x, attr, weight = inputs[:3]
-    ctx.save_for_backward(x, attr, weight, *inputs[3:9], *inputs[_PLAN])
-    ctx.weighted_only = inputs[14]
-
-
-def _fwd_backward(ctx, grad):
-    x, attr, weight, *rest = ctx.saved_tensors
-    graph, plan = ConvGraph(*rest[:6]), rest[6:]
-    gx, ga, gw = tensor_product_conv_backward(grad, x, attr, weight, graph, *plan, ctx.weighted_only)
-    return (gx, ga, gw) + (None,) * 12
-
-
-torch.library.register_autograd("equikern::tensor_product_conv", _fwd_backward, setup_context=_fwd_setup)
-
-
-def _bwd_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:-1])
-    ctx.weighted_only = inputs[-1]
-
-
-def _bwd_backward(ctx, a_x, a_attr, a_w):
-    """Derivative of (gx, gattr, gw) = d<grad_out, conv(x, attr, w)> in the direction (a_x, a_attr, a_w).
-
-    As for the tensor product: with F(x, attr, w, g) = <g, conv(x, attr, w)>, the cotangents pair to
-    F(a_x, attr, w, g) + F(x, a_attr, w, g) + F_w(x, attr, a_w, g), whose gradients are convolutions (for g)
-    and convolution backwards (for x, attr, w); F_w keeps only the weighted paths.
-    """
-    grad_out, x, attr, w, *rest = ctx.saved_tensors
-    graph, plan = ConvGraph(*rest[:6]), rest[6:]
-    wo = ctx.weighted_only
-    out_dim = grad_out.shape[1]
-    d_gout = d_x = d_attr = d_w = None
-    if a_x is not None:  # F(a_x, attr, w, g)
-        d_gout = tensor_product_conv(a_x, attr, w, graph, *plan, out_dim, wo)
-        _, d_attr, d_w = tensor_product_conv_backward(grad_out, a_x, attr, w, graph, *plan, wo)
-    if a_attr is not None:  # F(x, a_attr, w, g)
-        t = tensor_product_conv(x, a_attr, w, graph, *plan, out_dim, wo)
-        d_gout = t if d_gout is None else d_gout + t
-        d_x, _, e_w = tensor_product_conv_backward(grad_out, x, a_attr, w, graph, *plan, wo)
-        d_w = e_w if d_w is None else d_w + e_w
-    if a_w is not None and w.numel() > 0:  # F_w(x, attr, a_w, g)
-        t = tensor_product_conv(x, attr, a_w, graph, *plan, out_dim, True)
-        d_gout = t if d_gout is None else d_gout + t
-        e_x, e_attr, _ = tensor_product_conv_backward(grad_out, x, attr, a_w, graph, *plan, True)
-        d_x = e_x if d_x is None else d_x + e_x
-        d_attr = e_attr if d_attr is None else d_attr + e_attr
-    return (d_gout, d_x, d_attr, d_w) + (None,) * 11
-
-
-torch.library.register_autograd(
-    "equikern::tensor_product_conv_backward", _bwd_backward, setup_context=_bwd_setup
+# Linear in each of (x, edge_attr, weight): the derivatives of the tensor product's ops, with the graph
+# passed through like the plan.
+register_trilinear_autograd(
+    "equikern::tensor_product_conv",
+    "equikern::tensor_product_conv_backward",
+    lambda x, a, w, *rest: torch.ops.equikern.tensor_product_conv.default(x, a, w, *rest),
+    lambda g, x, a, w, *rest: torch.ops.equikern.tensor_product_conv_backward.default(g, x, a, w, *rest),
 )
