@@ -360,10 +360,13 @@ _PRELUDE = (
 
 
 def load_kernel(source: str, kind: str):
-    """The ``kernel`` of a generated source: written once to the cache directory, imported once."""
+    """The ``kernel`` of a generated source: written once to the cache directory, imported once (per
+    mode: ``triton.jit`` makes interpreted functions when TRITON_INTERPRET is set at import)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     name = f"equikern_{kind}_{digest}"
-    module = sys.modules.get(name)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    module_name = name + ("_interpreted" if interpreted else "")
+    module = sys.modules.get(module_name)
     if module is None:
         path = os.path.join(_cache_dir(), name + ".py")
         text = _PRELUDE + source + "\n"
@@ -372,10 +375,10 @@ def load_kernel(source: str, kind: str):
             with open(tmp, "w") as f:
                 f.write(text)
             os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules[name] = module
+        sys.modules[module_name] = module
     return module.kernel
 
 
@@ -452,8 +455,17 @@ def _coverage(plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weig
     return bool(out.all()), bool(g1.all()), bool(gw.all())
 
 
-def _block_z(plan: Plan, dtype: torch.dtype) -> int:
-    return max(1, (256 if dtype == torch.float64 else 512) // plan.block_u)
+# Elements of a [BZ, BU] tile, per direction: the backward keeps about three times as many tiles live
+# (x1, the output gradient, x1's gradient), so it takes smaller ones. EQUIKERN_TRITON_TILE="fwd,bwd"
+# overrides (for tuning on a GPU).
+_TILE = {"fwd": 512, "bwd": 128}
+if os.environ.get("EQUIKERN_TRITON_TILE"):
+    _TILE = dict(zip(("fwd", "bwd"), (int(v) for v in os.environ["EQUIKERN_TRITON_TILE"].split(","))))
+
+
+def _block_z(plan: Plan, dtype: torch.dtype, direction: str = "fwd") -> int:
+    """Samples per tile: the direction's tile size over the channels per tile (halved in float64)."""
+    return max(1, _TILE[direction] // (2 if dtype == torch.float64 else 1) // plan.block_u)
 
 
 @torch.library.custom_op("equikern::tensor_product_triton", mutates_args=())
@@ -509,7 +521,7 @@ def _tp_bwd_op(
     _check_dims(plan, x1, x2, weight, out_dim)
     _, full1, fullw = _coverage(plan, weighted_only, d1, out_dim, dw)
     opts = dict(dtype=x1.dtype, device=x1.device)
-    nch, bz, bu = plan.num_chunks, _block_z(plan, x1.dtype), plan.block_u
+    nch, bz, bu = plan.num_chunks, _block_z(plan, x1.dtype, "bwd"), plan.block_u
     tiles = -(-z // bz)
     shared_w = weight.shape[0] == 1  # its gradient: one partial sum per tile of samples
     g1 = (torch.empty if full1 else torch.zeros)((z, d1), **opts)

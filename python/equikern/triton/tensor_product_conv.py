@@ -298,7 +298,7 @@ def _conv_bwd_op(
         return torch.zeros_like(x), torch.zeros_like(edge_attr), torch.zeros_like(weight)
     g, x, attr, w = grad_out.contiguous(), x.contiguous(), edge_attr.contiguous(), weight.contiguous()
     opts = dict(dtype=x.dtype, device=x.device)
-    nch, bz, bu = plan.num_chunks, ttp._block_z(plan, x.dtype), plan.block_u
+    nch, bz, bu = plan.num_chunks, ttp._block_z(plan, x.dtype, "bwd"), plan.block_u
     shared_w = w.shape[0] == 1
     sw = 0 if shared_w else dw
     _, full1, fullw = ttp._coverage(plan, weighted_only, d1, out_dim, dw)

@@ -1,0 +1,144 @@
+"""Compile the generated Triton kernels for a GPU target on any machine, GPU or not.
+
+Triton compiles for a named target without a device (its own LLVM and ptxas): this is how CI proves that
+every generated kernel builds for the H100 (sm_90) though CI has no GPU, and how the register use and
+spills of each kernel are read before it ever runs. ``python -m equikern.triton.aot`` compiles every kernel
+kind for the channelwise benchmark problems and prints a table (``--problems``, ``--dtypes``, ``--arch``).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from equikern.triton import tensor_product as ttp
+from equikern.triton import tensor_product_conv  # noqa: F401  (registers the convolution's kernel kinds)
+
+KINDS = ("tp_fwd", "tp_bwd", "conv_fwd_atomic", "conv_bwd_atomic", "conv_fwd_csr", "conv_bwd_csr")
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_DATA = {"x1", "x2", "w", "g", "g2", "gw"}  # pointers to the inputs' dtype
+_INDEX = {"src", "dst", "perm", "ptr"}  # int64 pointers
+
+
+@dataclass
+class Compiled:
+    kind: str
+    dtype: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    ptx_lines: int
+
+
+def _signature(fn, kind: str, dtype: torch.dtype) -> dict[str, str]:
+    data = "*" + _TRITON_DTYPE[dtype]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    atomic = kind.endswith("_atomic")
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("ACC", "BZ", "BU"):
+            sig[name] = "constexpr"
+        elif name in _DATA:
+            sig[name] = data
+        elif name in ("out", "g1"):  # atomic adds go to an accumulation buffer (see tensor_product_conv)
+            sig[name] = acc if atomic else data
+        elif name in _INDEX:
+            sig[name] = "*i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) that ptxas reports for a kernel."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    target = re.search(r"\.target\s+(\S+)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [ptxas, f"-arch={target}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return regs, spills
+
+
+def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int = 90) -> Compiled:
+    """Compiles one kernel kind of a registered plan for sm_<arch> (per-sample weights)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = ttp.kernel(key, kind, False, dim2 if "bwd" in kind else 0, False)
+    plan = ttp._PLANS[key]
+    constexprs = {
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+        "BZ": ttp._block_z(plan, dtype, "bwd" if "bwd" in kind else "fwd"),
+        "BU": plan.block_u,
+    }
+    src = ASTSource(fn=fn, signature=_signature(fn, kind, dtype), constexprs=constexprs)
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    regs, spills = _ptxas(c.asm["ptx"], arch)
+    return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+
+
+def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str) -> tuple[str, int]:
+    """(plan key, dim of irreps_in2) of the channelwise product of a problem."""
+    import equikern
+
+    tp = equikern.ChannelwiseTensorProduct(irreps_in1, irreps_in2, irreps_out, backend="triton")
+    return tp._triton_key, tp.irreps_in2.dim
+
+
+def main(argv=None) -> int:
+    import json
+
+    from equikern.bench import anchors
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtypes", default="float32,float64,bfloat16")
+    parser.add_argument("--problems", default="mace-large,mace-medium,nequip-lips,nequip-revmd17-benzene")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--irreps", help="a channelwise problem instead: 'irreps_in1;irreps_in2;irreps_out'")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    problems = {p["label"]: p for p in anchors()["tensor_product"]}
+    if args.irreps:
+        in1, in2, out = args.irreps.split(";")
+        problems = {"custom": {"irreps_in1": in1, "irreps_in2": in2, "irreps_out_target": out}}
+        args.problems = "custom"
+    print(f"{'problem':24} {'kind':16} {'dtype':5} {'regs':>5} {'spill B':>8} {'smem B':>7} {'ptx lines':>9}")
+    for label in args.problems.split(","):
+        p = problems[label]
+        key, dim2 = problem_key(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"])
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            for kind in args.kinds.split(","):
+                r = compile_kind(key, kind, dtype, dim2, args.arch)
+                rows.append({"problem": label, **r.__dict__})
+                print(
+                    f"{label:24} {kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
+                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
+                    flush=True,
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": f"sm_{args.arch}", "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
