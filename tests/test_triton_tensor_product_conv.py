@@ -232,3 +232,30 @@ def test_cuda_lattice_matches_cpu(deterministic, dtype):
     if deterministic:  # no floating-point atomics: bitwise equal from run to run
         for a, b in zip(first, run(gpu, "cuda")):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_edge_vectors_option_takes_spherical_harmonics_itself(backend):
+    """edge_vectors=True equals the convolution of e3nn's spherical harmonics, gradients into the vectors
+    included (forces)."""
+    irreps_sh = o3.Irreps.spherical_harmonics(2)
+    irreps_out, instr = channelwise_instructions("2x0e+2x1o", irreps_sh, "0e+1o+2e")
+    kw = dict(shared_weights=False, internal_weights=False, backend=backend)
+    conv = equikern.TensorProductConv("2x0e+2x1o", irreps_sh, irreps_out, instr, edge_vectors=True, **kw)
+    plain = equikern.TensorProductConv("2x0e+2x1o", irreps_sh, irreps_out, instr, **kw)
+    gen = torch.Generator().manual_seed(6)
+    src, dst = random_graph(random.Random(6), gen, 5, 11)
+    x = torch.randn(5, conv.irreps_in1.dim, generator=gen)
+    w = torch.randn(11, conv.weight_numel, generator=gen)
+    vec = torch.randn(11, 3, generator=gen, requires_grad=True)
+    got = conv(x, vec, w, src, dst)
+    want = plain(x, o3.spherical_harmonics(irreps_sh, vec, True, normalization="component"), w, src, dst)
+    assert rel_err(got, want) < 1e-12
+    g = torch.randn(want.shape, generator=gen)
+    (a,) = torch.autograd.grad(got, vec, g)
+    (b,) = torch.autograd.grad(want, vec, g)
+    assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="edge vectors of shape"):
+        conv(x, torch.randn(11, 9), w, src, dst)
+    with pytest.raises(ValueError, match="must be spherical harmonics"):
+        equikern.TensorProductConv("2x0e", "2x0e", "2x0e", [(0, 0, 0, "uvu", True)], edge_vectors=True)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from equikern.nn.tensor_product import TensorProduct
 from equikern.ops.tensor_product_conv import conv_graph, tensor_product_conv
+from equikern.so3 import spherical_harmonics
 from equikern.triton.tensor_product_conv import tensor_product_conv as triton_conv
 
 
@@ -33,11 +34,37 @@ class TensorProductConv(TensorProduct):
     walks the groupings instead (no floating-point atomics: bitwise reproducible). Indices out of range
     raise an error naming the argument. ``backend`` is as for ``TensorProduct``; CUDA tensors with
     instructions other than ``uvu`` are not supported yet (an error says so).
+
+    ``edge_vectors=True``: ``edge_attr`` are the edge vectors [E, 3] and the module takes their spherical
+    harmonics itself (``equikern.spherical_harmonics`` of the degrees of ``irreps_in2``, normalised
+    vectors, ``sh_normalization``; Triton kernels on a GPU), so a model passes positions-derived vectors
+    and gets forces through both. ``irreps_in2`` must then be spherical-harmonic irreps (one copy of each
+    degree, parity (-1)^l).
     """
 
-    def __init__(self, *args, deterministic: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        deterministic: bool = False,
+        edge_vectors: bool = False,
+        sh_normalization: str = "component",
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.deterministic = bool(deterministic)
+        self.edge_vectors = bool(edge_vectors)
+        self.sh_normalization = sh_normalization
+        if self.edge_vectors:
+            if any(mul != 1 or ir.p != (-1) ** ir.l for mul, ir in self.irreps_in2):
+                raise ValueError(
+                    f"edge_vectors=True: irreps_in2 must be spherical harmonics (one copy of each l, parity "
+                    f"(-1)^l), got {self.irreps_in2}"
+                )
+            if sh_normalization not in ("integral", "component", "norm"):
+                raise ValueError(
+                    f"sh_normalization: expected 'integral', 'component' or 'norm', got {sh_normalization!r}"
+                )
+            self._sh_degrees = [ir.l for _, ir in self.irreps_in2]
 
     def right(self, y, weight=None):
         raise NotImplementedError("TensorProductConv.right: a convolution has no per-sample linear map")
@@ -53,6 +80,13 @@ class TensorProductConv(TensorProduct):
     ) -> Tensor:
         w = self._get_weights(edge_weight)
         x = node_features
+        if self.edge_vectors:
+            if not isinstance(edge_attr, Tensor) or edge_attr.dim() != 2 or edge_attr.shape[1] != 3:
+                got = tuple(edge_attr.shape) if isinstance(edge_attr, Tensor) else type(edge_attr).__name__
+                raise ValueError(
+                    f"edge_attr: expected edge vectors of shape (edges, 3) (edge_vectors=True), got {got}"
+                )
+            edge_attr = spherical_harmonics(self._sh_degrees, edge_attr, True, self.sh_normalization)
         for t, name, dim, irreps in (
             (x, "node_features", self._dim1, self.irreps_in1),
             (edge_attr, "edge_attr", self._dim2, self.irreps_in2),
