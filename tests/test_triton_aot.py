@@ -19,13 +19,14 @@ pytest.importorskip("triton")
 def test_every_kernel_kind_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["EQUIKERN_CACHE_DIR"] = str(tmp_path)
-    out = tmp_path / "aot.json"
-    # several paths per output block and mul2 > 1 (x2 = 2x0e + 1o + 2e)
-    cmd = [sys.executable, "-m", "equikern.triton.aot", "--irreps", "8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o"]
-    cmd += ["--dtypes", "float32,float64,bfloat16", "--json", str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 3 * 6
-    for r in rows:
-        assert 0 < r["registers"] <= 255 and r["ptx_lines"] > 100, r
+    # uvu: several paths per output block and mul2 > 1 (x2 = 2x0e + 1o + 2e); uvw: fully connected
+    for irreps, kinds in (("8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o", 6), ("3x0e+2x1o;0e+1o;4x0e+3x1o;uvw", 2)):
+        out = tmp_path / "aot.json"
+        cmd = [sys.executable, "-m", "equikern.triton.aot", "--irreps", irreps]
+        cmd += ["--dtypes", "float32,float64,bfloat16", "--json", str(out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        rows = json.loads(out.read_text())["rows"]
+        assert len(rows) == 3 * kinds
+        for r in rows:
+            assert 0 < r["registers"] <= 255 and r["ptx_lines"] > 50, r

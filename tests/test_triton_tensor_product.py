@@ -21,13 +21,13 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def uvu_problem(rng: random.Random, max_mul: int = 3):
-    """Random uvu instructions: several paths per output block, unweighted paths, mul2 > 1."""
-    return random_problem(rng, "uvu", lmax=2, max_mul=max_mul)
+def uvu_problem(rng: random.Random, max_mul: int = 3, mode: str = "uvu"):
+    """Random uvu (or uvw) instructions: several paths per output block, unweighted paths, mul2 > 1."""
+    return random_problem(rng, mode, lmax=2, max_mul=max_mul)
 
 
-def pair(rng, dtype=torch.float64, **options):
-    irreps1, irreps2, irreps_out, instr = uvu_problem(rng)
+def pair(rng, dtype=torch.float64, mode="uvu", **options):
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, mode=mode)
     ref = o3.TensorProduct(irreps1, irreps2, irreps_out, instr, **options).to(dtype)
     ours = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, backend="triton", **options)
     ours = ours.to(device=DEVICE, dtype=dtype)
@@ -36,14 +36,15 @@ def pair(rng, dtype=torch.float64, **options):
     return ref, ours
 
 
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("seed", range(4))
-def test_forward_and_gradients_match_e3nn(seed):
+def test_forward_and_gradients_match_e3nn(seed, mode):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     options = {"shared_weights": rng.choice([True, False])}
     if not options["shared_weights"]:
         options["internal_weights"] = False
-    ref, ours = pair(rng, **options)
+    ref, ours = pair(rng, mode=mode, **options)
     batch = rng.choice([(3,), (2, 2), (1,)])
     x, y, w = inputs(ref, batch, torch.float64, gen, requires_grad=True)
     args = [t for t in (x, y, w) if t is not None]
@@ -91,9 +92,10 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
     assert rel_err(got.double(), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
+def test_gradcheck_and_gradgradcheck(mode):
     rng = random.Random(2)
-    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2)
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2, mode=mode)
     tp = equikern.TensorProduct(
         irreps1, irreps2, irreps_out, instr, backend="triton", shared_weights=False, internal_weights=False
     )
@@ -106,9 +108,10 @@ def test_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(tp, args, fast_mode=True)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
+def test_opcheck(mode):
     rng = random.Random(4)
-    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2)
+    irreps1, irreps2, irreps_out, instr = uvu_problem(rng, max_mul=2, mode=mode)
     tp = equikern.TensorProduct(
         irreps1, irreps2, irreps_out, instr, backend="triton", shared_weights=False, internal_weights=False
     )
@@ -146,7 +149,7 @@ def test_plan_is_rebuilt_from_tables_and_cached_on_disk(tmp_path, monkeypatch):
 
 def test_bad_input():
     with pytest.raises(ValueError, match="every instruction 'uvu'"):
-        equikern.FullyConnectedTensorProduct("2x0e", "0e", "2x0e", backend="triton")
+        equikern.ElementwiseTensorProduct("2x0e", "2x0e", backend="triton")  # uuu
     with pytest.raises(ValueError, match="backend"):
         equikern.FullyConnectedTensorProduct("2x0e", "0e", "2x0e", backend="cuda")
     tp = equikern.ChannelwiseTensorProduct("2x0e+1x1o", "0e+1o", "0e+1o", backend="triton")
@@ -211,6 +214,42 @@ def test_cuda_matches_cpu_native(dtype, problem):
         assert rel_err(got.detach().double().cpu(), expected.detach()) < tol * (10 if got is first[-1] else 1)
     for a, b in zip(first, run("cuda", dtype)):  # no atomics: bitwise reproducible
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("problem", ["DiffDock-L=2", "tetris-poly-1"])
+def test_cuda_uvw_problems_match_cpu_native(dtype, problem):
+    from equikern.bench import anchors
+
+    p = next(q for q in anchors()["tensor_product"] if q["label"] == problem)
+    shared = p["weights"].startswith("shared")
+    kw = dict(shared_weights=shared, internal_weights=shared)
+    gpu = equikern.FullyConnectedTensorProduct(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"], **kw)
+    cpu = equikern.FullyConnectedTensorProduct(
+        p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"], backend="native", **kw
+    )
+    assert gpu._triton_key is not None
+    if shared:
+        cpu.load_state_dict(gpu.state_dict())
+    gpu = gpu.cuda().to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    z = 777
+    x, y = (torch.randn(z, d, generator=gen) for d in (gpu.irreps_in1.dim, gpu.irreps_in2.dim))
+    w = None if shared else torch.randn(z, gpu.weight_numel, generator=gen)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+
+    def run(tp, device, dt):
+        ins = [t.to(device, dt).requires_grad_() for t in (x, y, w) if t is not None]
+        out = tp(*ins[:2], ins[2] if w is not None else None)
+        params = ins + ([tp.weight] if shared else [])
+        grads = torch.autograd.grad(out.float().pow(2).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.float().pow(2).sum() for g in grads), ins)
+        return (out, *grads, *second)
+
+    for got, want in zip(run(gpu, "cuda", dtype), run(cpu.double(), "cpu", torch.float64)):
+        assert rel_err(got.detach().double().cpu(), want.detach()) < tol * 10
 
 
 @pytest.mark.cuda

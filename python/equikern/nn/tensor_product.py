@@ -114,9 +114,9 @@ class TensorProduct(torch.nn.Module):
     x, y (and per-sample weights) like e3nn.
 
     ``backend``: "native" runs the compiled C++/CUDA op; "triton" runs Triton kernels generated for
-    the instruction list (every instruction must be ``uvu``; on a CPU only under Triton's
-    interpreter, ``TRITON_INTERPRET=1``, for testing); "auto" (default) takes Triton for CUDA tensors
-    when the instructions are all ``uvu`` and triton is installed, "native" otherwise. The Triton
+    the instruction list (every instruction ``uvu``, or every instruction ``uvw``; on a CPU only under
+    Triton's interpreter, ``TRITON_INTERPRET=1``, for testing); "auto" (default) takes Triton for CUDA
+    tensors when the instructions allow it and triton is installed, "native" otherwise. The Triton
     kernels also take float16/bfloat16 inputs (computed in float32).
     """
 
@@ -203,7 +203,10 @@ class TensorProduct(torch.nn.Module):
         if not triton_tp.supports(tables[0]):
             if backend == "triton":
                 modes = sorted({i.connection_mode for i in self.instructions})
-                raise ValueError(f"backend='triton' needs every instruction 'uvu', got modes {modes}")
+                raise ValueError(
+                    "backend='triton' needs every instruction 'uvu', or every instruction 'uvw' with at most "
+                    f"{triton_tp.MAX_UVW_CHANNELS} output channels; got modes {modes}"
+                )
             return None
         if importlib.util.find_spec("triton") is None:
             if backend == "triton":

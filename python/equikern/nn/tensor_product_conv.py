@@ -52,6 +52,10 @@ class TensorProductConv(TensorProduct):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.deterministic = bool(deterministic)
+        if self._triton_key is not None and any(i.connection_mode != "uvu" for i in self.instructions):
+            if self.backend == "triton":  # the Triton convolution kernels are written for uvu paths
+                raise ValueError("TensorProductConv: backend='triton' needs every instruction 'uvu'")
+            self._triton_key = None
         self.edge_vectors = bool(edge_vectors)
         self.sh_normalization = sh_normalization
         if self.edge_vectors:

@@ -86,7 +86,7 @@ def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int =
     constexprs = {
         "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
         "BZ": ttp._block_z(plan, dtype, "bwd" if "bwd" in kind else "fwd"),
-        "BU": plan.block_u,
+        "BU": plan.tile("bwd" if "bwd" in kind else "fwd")[0],
     }
     src = ASTSource(fn=fn, signature=_signature(fn, kind, dtype), constexprs=constexprs)
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
@@ -94,11 +94,12 @@ def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int =
     return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
 
 
-def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str) -> tuple[str, int]:
-    """(plan key, dim of irreps_in2) of the channelwise product of a problem."""
+def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str, mode: str = "uvu") -> tuple[str, int]:
+    """(plan key, dim of irreps_in2) of a problem's product: channelwise (uvu) or fully connected (uvw)."""
     import equikern
 
-    tp = equikern.ChannelwiseTensorProduct(irreps_in1, irreps_in2, irreps_out, backend="triton")
+    cls = equikern.ChannelwiseTensorProduct if mode == "uvu" else equikern.FullyConnectedTensorProduct
+    tp = cls(irreps_in1, irreps_in2, irreps_out, backend="triton")
     return tp._triton_key, tp.irreps_in2.dim
 
 
@@ -110,23 +111,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtypes", default="float32,float64,bfloat16")
-    parser.add_argument("--problems", default="mace-large,mace-medium,nequip-lips,nequip-revmd17-benzene")
+    parser.add_argument(
+        "--problems",
+        default="mace-large,mace-medium,nequip-lips,nequip-revmd17-benzene,DiffDock-L=2,tetris-poly-1",
+    )
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--irreps", help="a channelwise problem instead: 'irreps_in1;irreps_in2;irreps_out'")
+    parser.add_argument("--irreps", help="a problem instead: 'irreps_in1;irreps_in2;irreps_out[;uvw]'")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
     problems = {p["label"]: p for p in anchors()["tensor_product"]}
     if args.irreps:
-        in1, in2, out = args.irreps.split(";")
-        problems = {"custom": {"irreps_in1": in1, "irreps_in2": in2, "irreps_out_target": out}}
+        in1, in2, out, *mode = args.irreps.split(";")
+        problems = {
+            "custom": {
+                "irreps_in1": in1,
+                "irreps_in2": in2,
+                "irreps_out_target": out,
+                "mode": (mode or ["uvu"])[0],
+            }
+        }
         args.problems = "custom"
     print(f"{'problem':24} {'kind':16} {'dtype':5} {'regs':>5} {'spill B':>8} {'smem B':>7} {'ptx lines':>9}")
     for label in args.problems.split(","):
         p = problems[label]
-        key, dim2 = problem_key(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"])
+        key, dim2 = problem_key(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"], p["mode"])
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for kind in args.kinds.split(","):
+                if p["mode"] != "uvu" and kind.startswith("conv"):
+                    continue  # the convolution's kernels are written for uvu plans
                 r = compile_kind(key, kind, dtype, dim2, args.arch)
                 rows.append({"problem": label, **r.__dict__})
                 print(

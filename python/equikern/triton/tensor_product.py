@@ -39,7 +39,7 @@ from equikern.ops.tensor_product import register_trilinear_autograd
 
 __all__ = ["register_plan", "supports", "tensor_product", "tensor_product_backward"]
 
-UVU = 1  # tp::kUVU in csrc/kernels/tensor_product.h
+UVW, UVU = 0, 1  # tp::kUVW, tp::kUVU in csrc/kernels/tensor_product.h
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,6 +52,7 @@ class Path:
     m2: int
     d2: int
     offo: int
+    mo: int
     d3: int
     woff: int  # -1: unweighted
     cg: tuple  # ((i, j, k, value), ...)
@@ -62,25 +63,33 @@ class Plan:
     paths: tuple[Path, ...]
     num_paths: int  # rows of the plan tensors (checked against the op's arguments)
     num_cg: int
+    mode: int  # UVU or UVW: every path has it
 
-    @functools.cached_property
-    def block_u(self) -> int:
-        """Channels per tile: the widest block's channel count, as a power of two, at most 32."""
-        widest = max((p.m1 for p in self.paths), default=1)
-        return min(32, 1 << max(0, widest - 1).bit_length())
-
-    @functools.cached_property
-    def num_chunks(self) -> int:
-        return max(1, -(-max((p.m1 for p in self.paths), default=1) // self.block_u))
+    def tile(self, direction: str) -> tuple[int, int]:
+        """(BU, tiles): the channels of a tile (a power of two) and the tiles that cover the widest block.
+        A tile's channels are the x1 = output channels of uvu paths and the output channels of uvw paths;
+        the uvw backward sums over them, so one tile covers them all."""
+        widest = max(p.mo for p in self.paths)
+        full = 1 << max(0, widest - 1).bit_length()
+        bu = full if (self.mode == UVW and direction == "bwd") else min(32, full)
+        return bu, -(-widest // bu)
 
     def active(self, weighted_only: bool) -> list[Path]:
         return [p for p in self.paths if p.woff >= 0 or not weighted_only]
 
 
+MAX_UVW_CHANNELS = 256  # the uvw backward holds a block's output channels in one tile
+
+
 def supports(paths: np.ndarray) -> bool:
-    """Whether the Triton kernels cover a plan: every path ``uvu`` (any mul of the second operand)."""
+    """Whether the Triton kernels cover a plan: every path ``uvu``, or every path ``uvw`` with at most
+    MAX_UVW_CHANNELS output channels (any mul of the second operand)."""
     paths = np.asarray(paths).reshape(-1, 13)
-    return len(paths) > 0 and bool(np.all(paths[:, 0] == UVU))
+    if len(paths) == 0:
+        return False
+    if np.all(paths[:, 0] == UVU):
+        return True
+    return bool(np.all(paths[:, 0] == UVW) and paths[:, 8].max() <= MAX_UVW_CHANNELS)
 
 
 _PLANS: dict[str, Plan] = {}
@@ -111,11 +120,11 @@ def register_plan(paths: np.ndarray, ijk: np.ndarray, val: np.ndarray) -> str:
             rows = []
             for r in paths.tolist():
                 mode, off1, m1, d1, off2, m2, d2, offo, mo, d3, woff, b, e = r
-                if mode != UVU or mo != m1:
-                    raise ValueError(f"Triton tensor product: path {r} is not uvu")
+                if mode == UVU and mo != m1 or mode == UVW and woff < 0:
+                    raise ValueError(f"Triton tensor product: inconsistent path {r}")
                 cg = tuple((int(i), int(j), int(k), float(c)) for (i, j, k), c in zip(ijk[b:e], val[b:e]))
-                rows.append(Path(off1, m1, d1, off2, m2, d2, offo, d3, woff, cg))
-            _PLANS[key] = Plan(tuple(rows), len(rows), len(val))
+                rows.append(Path(off1, m1, d1, off2, m2, d2, offo, mo, d3, woff, cg))
+            _PLANS[key] = Plan(tuple(rows), len(rows), len(val), int(paths[0, 0]))
     return key
 
 
@@ -340,6 +349,124 @@ def _backward_source(
     return "\n".join(code.lines)
 
 
+def _uvw_forward_source(plan: Plan, weighted_only: bool) -> str:
+    """out[z, w, k] = sum_(u, v) W[z, u, v, w] s[z, u, v, k], s = sum_ij C x1[u, i] x2[v, j]: a tile of
+    samples x output channels w; a runtime loop over the input channels u of each path."""
+    code = _Code()
+    code("@triton.jit")
+    header = (
+        "def kernel(x1, x2, w, out, Z, s1, s2, sw, so, "
+        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
+    )
+    with code.block(header):
+        _prologue(code, False)
+        code("p1 = x1 + z * s1")
+        code("p2 = x2 + z * s2")
+        code("pw = w + z * sw")
+        code("po = out + z * so")
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in plan.active(weighted_only):
+            groups.setdefault((p.offo, p.mo, p.d3), []).append(p)
+        for (offo, mo, d3), group in groups.items():
+            with code.block(f"if u0 < {mo}:"):
+                code(f"m = zm & (u < {mo})")
+                ks = sorted({k for p in group for _, _, k, _ in p.cg})
+                for k in ks:
+                    code(f"o{k} = tl.zeros([BZ, BU], ACC)")
+                for q, p in enumerate(group):
+                    for v in range(p.m2):
+                        t = _table(code, p, v, f"{offo}_{q}_{v}")
+                        with code.block(f"for c in range(0, {p.m1}):"):
+                            for i in sorted({i for i, _ in t}):
+                                code(
+                                    f"a{i} = tl.load(p1 + ({p.off1} + c * {p.d1} + {i}), mask=zm, "
+                                    "other=0.0).to(ACC)"
+                                )
+                            code(
+                                f"wt = tl.load(pw + ({p.woff} + (c * {p.m2} + {v}) * {mo} + u), mask=m, "
+                                "other=0.0).to(ACC)"
+                            )
+                            for k in sorted({k for _, k in t}):
+                                s = _sum([f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k])
+                                code(f"o{k} = o{k} + wt * ({s})")
+                for k in range(d3):
+                    value = f"o{k}" if k in ks else "tl.zeros([BZ, BU], ACC)"
+                    code(
+                        f"tl.store(po + ({offo} + u * {d3} + {k}), {value}.to(out.dtype.element_ty), mask=m)"
+                    )
+    return "\n".join(code.lines)
+
+
+def _uvw_backward_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: bool = False) -> str:
+    """Gradients of the uvw product for a tile of samples x all output channels: per input block, a runtime
+    loop over its channels u contracts the output gradient over w (q[k] = sum_w W[u, v, w] g[w, k]) for
+    x1's and x2's gradients, and writes W's gradient g[w, k] s[u, v, k] (shared_w: summed over the tile's
+    samples, one row per tile)."""
+    code = _Code()
+    code("@triton.jit")
+    header = (
+        "def kernel(g, x1, x2, w, g1, g2, gw, Z, s1, s2, sw, so, r1, r2, rw, "
+        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
+    )
+    with code.block(header):
+        _prologue(code, False)
+        code("p1 = x1 + z * s1")
+        code("p2 = x2 + z * s2")
+        code("pw = w + z * sw")
+        code("pg = g + z * so")
+        code("q1 = g1 + z * r1")
+        code("q2 = g2 + z * r2")
+        code("qw = gw + " + ("tl.program_id(0) * rw" if shared_w else "z * rw"))
+        for j in range(dim2):
+            code(f"e{j} = tl.zeros([BZ, 1], ACC)")
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in plan.active(weighted_only):
+            groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+        for (off1, m1, d1), group in groups.items():
+            with code.block(f"for c in range(0, {m1}):"):
+                for i in range(d1):
+                    code(f"a{i} = tl.load(p1 + ({off1} + c * {d1} + {i}), mask=zm, other=0.0).to(ACC)")
+                    code(f"ga{i} = tl.zeros([BZ, 1], ACC)")
+                for q, p in enumerate(group):
+                    code(f"m = zm & (u < {p.mo})")
+                    ks = sorted({k for _, _, k, _ in p.cg})
+                    for k in ks:
+                        code(
+                            f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)"
+                        )
+                    for v in range(p.m2):
+                        t = _table(code, p, v, f"{q}_{v}")
+                        ptr = f"({p.woff} + (c * {p.m2} + {v}) * {p.mo} + u)"
+                        code(f"wt = tl.load(pw + {ptr}, mask=m, other=0.0).to(ACC)")
+                        for k in ks:
+                            code(f"qk{k} = tl.sum(wt * go{k}, axis=1)[:, None]")
+                        for i in sorted({i for i, _ in t}):
+                            code(
+                                f"ga{i} = ga{i} + {_sum([f'{t[i, k]} * qk{k}' for (ii, k) in t if ii == i])}"
+                            )
+                        for k in ks:
+                            code(f"sk{k} = {_sum([f'a{i} * {t[i, kk]}' for (i, kk) in t if kk == k])}")
+                        code(f"gwt = {_sum([f'sk{k} * go{k}' for k in ks])}")
+                        if shared_w:
+                            code(
+                                f"tl.store(qw + {ptr}, tl.sum(gwt, axis=0)[None, :].to(gw.dtype.element_ty), "
+                                f"mask=u < {p.mo})"
+                            )
+                        else:
+                            code(f"tl.store(qw + {ptr}, gwt.to(gw.dtype.element_ty), mask=m)")
+                        by_j: dict[int, list[str]] = {}
+                        for i, j, k, cval in p.cg:
+                            by_j.setdefault(j, []).append(f"{cval!r} * a{i} * qk{k}")
+                        for j, terms in sorted(by_j.items()):
+                            jj = p.off2 + v * p.d2 + j
+                            code(f"e{jj} = e{jj} + {_sum(terms)}")
+                for i in range(d1):
+                    code(f"tl.store(q1 + ({off1} + c * {d1} + {i}), ga{i}.to(g1.dtype.element_ty), mask=zm)")
+        for j in range(dim2):
+            code(f"tl.store(q2 + {j}, e{j}.to(g2.dtype.element_ty), mask=zm)")
+    return "\n".join(code.lines)
+
+
 def _cache_dir() -> str:
     root = os.environ.get("EQUIKERN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "equikern"
@@ -384,8 +511,12 @@ def load_kernel(source: str, kind: str):
 
 # kind -> source generator(plan, weighted_only, dim2, shared_w); the convolution module adds its own
 GENERATORS = {
-    "tp_fwd": lambda plan, wo, dim2, shared_w: _forward_source(plan, wo),
-    "tp_bwd": lambda plan, wo, dim2, shared_w: _backward_source(plan, wo, dim2, shared_w=shared_w),
+    "tp_fwd": lambda plan, wo, dim2, shared_w: (_uvw_forward_source if plan.mode == UVW else _forward_source)(
+        plan, wo
+    ),
+    "tp_bwd": lambda plan, wo, dim2, shared_w: (
+        _uvw_backward_source if plan.mode == UVW else _backward_source
+    )(plan, wo, dim2, shared_w=shared_w),
     "conv_fwd_atomic": lambda plan, wo, dim2, shared_w: _forward_source(plan, wo, gather=True),
     "conv_bwd_atomic": lambda plan, wo, dim2, shared_w: _backward_source(plan, wo, dim2, True, shared_w),
 }
@@ -436,11 +567,15 @@ def _check(x1: Tensor, x2: Tensor, w: Tensor, grad: Tensor | None = None) -> int
     return z
 
 
+def _num_weights(plan: Plan, p: Path) -> int:
+    return p.m1 * p.m2 * (p.mo if plan.mode == UVW else 1)
+
+
 def _check_dims(plan: Plan, x1: Tensor, x2: Tensor, w: Tensor, out_dim: int) -> None:
     for p in plan.paths:
         if p.off1 + p.m1 * p.d1 > x1.shape[1] or p.off2 + p.m2 * p.d2 > x2.shape[1]:
             raise ValueError("tensor_product_triton: x1 or x2 is narrower than the plan's blocks")
-        if p.offo + p.m1 * p.d3 > out_dim or (p.woff >= 0 and p.woff + p.m1 * p.m2 > w.shape[1]):
+        if p.offo + p.mo * p.d3 > out_dim or (p.woff >= 0 and p.woff + _num_weights(plan, p) > w.shape[1]):
             raise ValueError("tensor_product_triton: out_dim or weight is narrower than the plan's blocks")
 
 
@@ -448,10 +583,10 @@ def _coverage(plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weig
     """Whether the kernels write every element of (out, g1, gw); where not, the buffer starts zeroed."""
     out, g1, gw = np.zeros(out_dim, bool), np.zeros(dim1, bool), np.zeros(num_weights, bool)
     for p in plan.active(weighted_only):
-        out[p.offo : p.offo + p.m1 * p.d3] = True
+        out[p.offo : p.offo + p.mo * p.d3] = True
         g1[p.off1 : p.off1 + p.m1 * p.d1] = True
         if p.woff >= 0:
-            gw[p.woff : p.woff + p.m1 * p.m2] = True
+            gw[p.woff : p.woff + _num_weights(plan, p)] = True
     return bool(out.all()), bool(g1.all()), bool(gw.all())
 
 
@@ -465,7 +600,7 @@ if os.environ.get("EQUIKERN_TRITON_TILE"):
 
 def _block_z(plan: Plan, dtype: torch.dtype, direction: str = "fwd") -> int:
     """Samples per tile: the direction's tile size over the channels per tile (halved in float64)."""
-    return max(1, _TILE[direction] // (2 if dtype == torch.float64 else 1) // plan.block_u)
+    return max(1, _TILE[direction] // (2 if dtype == torch.float64 else 1) // plan.tile(direction)[0])
 
 
 @torch.library.custom_op("equikern::tensor_product_triton", mutates_args=())
@@ -488,9 +623,9 @@ def _tp_op(
     if z == 0 or out_dim == 0 or not plan.active(weighted_only):
         return out.zero_()
     x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
-    bz, bu = _block_z(plan, x1.dtype), plan.block_u
+    bz, (bu, nch) = _block_z(plan, x1.dtype), plan.tile("fwd")
     fwd = kernel(key, "tp_fwd", weighted_only)
-    grid = (-(-z // bz), plan.num_chunks)
+    grid = (-(-z // bz), nch)
     strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1, x2, weight)]
     with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
         fwd[grid](x1, x2, weight, out, z, *strides, out_dim, ACC=_acc(x1.dtype), BZ=bz, BU=bu)
@@ -521,7 +656,7 @@ def _tp_bwd_op(
     _check_dims(plan, x1, x2, weight, out_dim)
     _, full1, fullw = _coverage(plan, weighted_only, d1, out_dim, dw)
     opts = dict(dtype=x1.dtype, device=x1.device)
-    nch, bz, bu = plan.num_chunks, _block_z(plan, x1.dtype, "bwd"), plan.block_u
+    bz, (bu, nch) = _block_z(plan, x1.dtype, "bwd"), plan.tile("bwd")
     tiles = -(-z // bz)
     shared_w = weight.shape[0] == 1  # its gradient: one partial sum per tile of samples
     g1 = (torch.empty if full1 else torch.zeros)((z, d1), **opts)

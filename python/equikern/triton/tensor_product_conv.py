@@ -242,7 +242,7 @@ def _conv_op(
     if e == 0 or n == 0 or out_dim == 0 or not plan.active(weighted_only):
         return x.new_zeros((n, out_dim))
     x, attr, w = x.contiguous(), edge_attr.contiguous(), weight.contiguous()
-    bz, bu = ttp._block_z(plan, x.dtype), plan.block_u
+    bz, (bu, nch) = ttp._block_z(plan, x.dtype), plan.tile("fwd")
     sw = 0 if w.shape[0] == 1 else w.shape[1]
     acc = ttp._acc(x.dtype)
     with _device(x):
@@ -250,7 +250,7 @@ def _conv_op(
             full, _, _ = ttp._coverage(plan, weighted_only, x.shape[1], out_dim, w.shape[1])
             out = (torch.empty if full else torch.zeros)((n, out_dim), dtype=x.dtype, device=x.device)
             fwd = ttp.kernel(key, "conv_fwd_csr", weighted_only)
-            fwd[(-(-n // bz), plan.num_chunks)](
+            fwd[(-(-n // bz), nch)](
                 x, attr, w, out, edge_src, dst_perm, dst_ptr, n, e, x.shape[0], _max_degree(dst_ptr),
                 x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu,
             )  # fmt: skip
@@ -258,7 +258,7 @@ def _conv_op(
         out = torch.zeros((n, out_dim), dtype=_acc_dtype(x.dtype), device=x.device)
         fwd = ttp.kernel(key, "conv_fwd_atomic", weighted_only)
         src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)  # in range: see conv_graph
-        fwd[(-(-e // bz), plan.num_chunks)](
+        fwd[(-(-e // bz), nch)](
             x, attr, w, out, src, dst, e, x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu
         )
     return out.to(x.dtype)
@@ -298,7 +298,7 @@ def _conv_bwd_op(
         return torch.zeros_like(x), torch.zeros_like(edge_attr), torch.zeros_like(weight)
     g, x, attr, w = grad_out.contiguous(), x.contiguous(), edge_attr.contiguous(), weight.contiguous()
     opts = dict(dtype=x.dtype, device=x.device)
-    nch, bz, bu = plan.num_chunks, ttp._block_z(plan, x.dtype, "bwd"), plan.block_u
+    bz, (bu, nch) = ttp._block_z(plan, x.dtype, "bwd"), plan.tile("bwd")
     shared_w = w.shape[0] == 1
     sw = 0 if shared_w else dw
     _, full1, fullw = ttp._coverage(plan, weighted_only, d1, out_dim, dw)
