@@ -44,7 +44,7 @@ def summary(results: dict, dtypes: set[str] | None = None) -> str:
             ours = impls.get("equikern")
             if ours is None:
                 continue
-            others = [r for name, r in impls.items() if name != "equikern"]
+            others = [r for name, r in impls.items() if not name.startswith("equikern")]
             best = min(others, key=lambda r: r["median_ms"], default=None)
             best_text = f"{_ms(best['median_ms'])} ({best['impl']})" if best else "-"
             speedup = f"{best['median_ms'] / ours['median_ms']:.1f}x" if best else "-"

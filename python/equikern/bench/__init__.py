@@ -35,6 +35,8 @@ class Config:
     batch: int
     hardware: str  # "h100", "cuda" or "cpu": selects the published figures of anchors.json
     batch_given: bool = True  # False: `batch` is the device default, a family may use its own size
+    cells: int | None = None  # --cells: the conv family's lattice (cells per side); None: its default
+    quick: bool = False  # --quick: tiny problems, for tests
 
 
 def _same(out: Tensor) -> Tensor:
@@ -48,11 +50,13 @@ class Impl:
     ``to_native`` maps the case's inputs to the arguments of ``fn`` and ``from_native`` maps its output back
     to the reference layout; both must be differentiable, so that gradients are compared in the reference
     layout too. ``from_native=None`` says the output cannot be mapped back: the row is timed but "unchecked".
+    ``note`` (e.g. which kernels an implementation took) is copied into its result rows.
     """
 
     fn: Callable[..., Tensor]
     to_native: Callable[[Sequence[Tensor]], Sequence[Tensor]] = tuple
     from_native: Callable[[Tensor], Tensor] | None = _same
+    note: str | None = None
 
 
 @dataclass
@@ -64,7 +68,9 @@ class Case:
     ``impls`` maps an implementation name to a builder returning an ``Impl`` (raise ``Unavailable`` when
     its library is missing; any other exception is reported as an error row). ``floor_bytes`` maps each
     mode of ``MODES`` to the bytes it must move at least. ``published`` holds the figures of anchors.json
-    that apply to this device, dtype and batch: impl -> mode -> ms.
+    that apply to this device, dtype and batch: impl -> mode -> ms (and "<mode>_peak_GB" -> GB of peak
+    memory where published). ``fallback_reference`` names the implementation whose results check the others
+    in a mode where the reference itself fails (e.g. runs out of memory); None: those rows stay unchecked.
     """
 
     family: str
@@ -76,6 +82,7 @@ class Case:
     reference: str = "e3nn"
     published: dict[str, dict[str, float]] = field(default_factory=dict)
     batch: int | None = None  # the batch measured when the family chose its own, else the config's
+    fallback_reference: str | None = None
 
 
 def io_floor(in_bytes: int, out_bytes: int) -> dict[str, int]:

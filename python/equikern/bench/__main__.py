@@ -1,7 +1,11 @@
 """``python -m equikern.bench``: check every implementation against the reference, then time it.
 
 Writes ``results.json``, ``results.md`` and ``results.png`` to the output folder and prints the table.
-Run with ``--help`` for the options and ``--list`` for the problems.
+Run with ``--help`` for the options and ``--list`` for the problems. Every row is one problem, dtype, mode
+(fwd; fwdbwd: forward + gradients of every floating input; dblbwd: forward, first gradients with
+create_graph, then the gradients of the sum of their squares, as when training on forces) and
+implementation. On CUDA each timed row also gets the peak memory of one such call, compared for equikern's
+rows with the least peak among the other implementations.
 """
 
 import argparse
@@ -26,11 +30,27 @@ from tqdm import tqdm
 
 from equikern.bench import MODES, Case, Config, Impl, Unavailable, anchors, families
 
-SUBJECT = "equikern"  # the implementation under test; the others are references
-IMPL_ORDER = (SUBJECT, "e3nn", "cue", "oeq")
+SUBJECT = "equikern"  # the implementation under test, and its variants "equikern_*"; the others are peers
+IMPL_ORDER = (
+    SUBJECT,
+    "equikern_native",
+    "equikern_deterministic",
+    "e3nn",
+    "e3nn_unfused",
+    "cue",
+    "cue_fused_indices",
+    "oeq",
+    "oeq_atomic",
+    "oeq_deterministic",
+)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}  # max |got - want| / max |want|
 FLUSH_BYTES = 256 << 20  # larger than any GPU's L2: each timed call starts cold
+
+
+def is_subject(impl: str) -> bool:
+    """Whether ``impl`` is equikern or one of its variants (not a peer to compare against)."""
+    return impl == SUBJECT or impl.startswith(SUBJECT + "_")
 
 
 @dataclass
@@ -54,6 +74,13 @@ class Row:
     published_ms: float | None = None
     error: str | None = None
     params: dict = field(default_factory=dict)
+    checked_against: str | None = None  # the implementation whose results this row matched (or not)
+    note: str | None = None  # the implementation's own (e.g. which kernels it took)
+    # CUDA only: GB allocated at the peak of one call of the mode, its inputs and output gradient included
+    peak_GB: float | None = None
+    best_peer: str | None = None  # equikern rows: the other implementation with the least peak_GB
+    peak_vs_best_peer: float | None = None  # this peak_GB / best_peer's
+    published_peak_GB: float | None = None
 
 
 # ---------------------------------------------------------------- running an implementation
@@ -84,15 +111,53 @@ def evaluate(impl: Impl, inputs: Sequence[Tensor], mode: str) -> list[Tensor]:
     return [out.detach(), *(g.detach() for g in _differentiate(out, diff, output_gradient(out), mode))]
 
 
-def timed_call(impl: Impl, inputs: Sequence[Tensor], mode: str) -> Callable[[], object]:
-    """A call of ``impl`` in its native layout doing what ``mode`` times (inputs converted once, here)."""
+def timed_call(
+    impl: Impl, inputs: Sequence[Tensor], mode: str, held: list[Tensor] | None = None
+) -> Callable[[], object]:
+    """A call of ``impl`` in its native layout doing what ``mode`` times (inputs converted once, here).
+
+    ``held``, when given, receives the tensors that the call keeps between calls (native inputs, output
+    gradient).
+    """
     with torch.no_grad():
         native = [x.detach() for x in impl.to_native(inputs)]
+    if held is not None:
+        held += native
     if mode == "fwd":
         return lambda: impl.fn(*native)
     diff = [x.requires_grad_() for x in native if x.is_floating_point()]
     grad = output_gradient(impl.fn(*native))
+    if held is not None:
+        held.append(grad)
     return lambda: _differentiate(impl.fn(*native), diff, grad, mode)
+
+
+def storage_bytes(tensors: Sequence[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def peak_memory(impl: Impl, inputs: Sequence[Tensor], mode: str, device: torch.device) -> float:
+    """GB allocated at the peak of one CUDA call doing what ``mode`` times, inputs included.
+
+    The peak over what was allocated before the call, plus the storages of its native inputs and output
+    gradient; memory that the implementation's module holds between calls (weights, workspaces) and tensors
+    of the other implementations are not counted.
+    """
+    held: list[Tensor] = []
+    fn = timed_call(impl, inputs, mode, held)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return (peak - before + storage_bytes(held)) / 1e9
 
 
 def compare(got: Sequence[Tensor], want: Sequence[Tensor], dtype: torch.dtype) -> tuple[bool, float]:
@@ -205,7 +270,7 @@ def run_case(
     inputs = case.inputs()
     impls: dict[str, Impl | Exception] = {}
     for name in _ordered(case.impls):
-        if args.impls and name not in args.impls and name != case.reference:
+        if args.impls and name not in args.impls and name not in (case.reference, case.fallback_reference):
             continue
         try:
             with default_dtype(cfg.dtype):
@@ -216,16 +281,14 @@ def run_case(
             impls[name] = err
     rows = []
     for mode in args.modes:
-        reference = impls.get(case.reference)
-        try:
-            want = evaluate(reference, inputs, mode) if isinstance(reference, Impl) else None
-        except Exception as err:
-            reference, want = err, None
+        reference, want, truth = _reference_results(case, impls, inputs, mode)
         for name, impl in impls.items():
             if args.impls and name not in args.impls:
                 continue  # built only to check the others
             bar.set_postfix_str(f"{case.label} {_dtype_name(cfg.dtype)} {mode} {name}", refresh=True)
-            rows.append(_measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwidth))
+            rows.append(
+                _measure(case, cfg, mode, name, impl, inputs, (want, truth), reference, args, bandwidth)
+            )
         del want
         bar.update()
     _add_speedups(rows)
@@ -234,7 +297,39 @@ def run_case(
     return rows
 
 
-def _measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwidth) -> Row:
+def _light(err: Exception) -> Exception:
+    """``err`` without its traceback and context, which hold the failed call's tensors (out of memory)."""
+    err.__context__ = err.__cause__ = None
+    return err.with_traceback(None)
+
+
+def _reference_results(
+    case: Case, impls: dict, inputs: Sequence[Tensor], mode: str
+) -> tuple[Impl | Exception | None, list[Tensor] | None, str | None]:
+    """(the reference's impl or its failure, the results that check the others, whose results they are).
+
+    Where the reference fails in this mode (e.g. out of memory) the case's fallback reference checks the
+    others, when it runs; where neither gives results, the others' rows are "unchecked".
+    """
+    reference = impls.get(case.reference)
+    try:
+        if isinstance(reference, Impl):
+            return reference, evaluate(reference, inputs, mode), case.reference
+    except Exception as err:
+        reference = _light(err)
+    _free_memory()  # outside the handler: the failed call's tensors are unreachable now
+    fallback = impls.get(case.fallback_reference)
+    if isinstance(fallback, Impl):
+        try:
+            return reference, evaluate(fallback, inputs, mode), case.fallback_reference
+        except Exception as err:
+            _light(err)
+        _free_memory()
+    return reference, None, None
+
+
+def _measure(case, cfg, mode, name, impl, inputs, expected, reference, args, bandwidth) -> Row:
+    want, truth = expected
     row = Row(
         case.family,
         case.label,
@@ -246,26 +341,30 @@ def _measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwid
         params=case.params,
     )
     row.published_ms = case.published.get(name, {}).get(mode)
+    row.published_peak_GB = case.published.get(name, {}).get(f"{mode}_peak_GB")
     row.floor_ms = case.floor_bytes[mode] / bandwidth * 1e3
     if isinstance(impl, Exception):
         row.error = f"build: {_error_text(impl)}"
         return row
+    row.note = impl.note
     try:
         if name == case.reference:
             if isinstance(reference, Exception):
                 raise reference
             row.status = "ref"
-        elif want is None or impl.from_native is None:
+        elif want is None or impl.from_native is None or name == truth:
             row.status = "unchecked"
             if isinstance(reference, Exception):
                 row.error = f"reference {case.reference}: {_error_text(reference)}"
+                if name == truth:
+                    row.error += "; this implementation checked the others"
         else:
             ok, row.max_rel_err = compare(evaluate(impl, inputs, mode), want, cfg.dtype)
-            row.status = "ok" if ok else "FAILED"
+            row.status, row.checked_against = ("ok" if ok else "FAILED"), truth
             if not ok:
                 tqdm.write(
                     f"!!! FAILED: {name} {case.label} {row.dtype} {mode}: max relative error "
-                    f"{row.max_rel_err:.3g} > {TOLERANCE[cfg.dtype]:g} against {case.reference}; not timed",
+                    f"{row.max_rel_err:.3g} > {TOLERANCE[cfg.dtype]:g} against {truth}; not timed",
                     file=sys.stderr,
                 )
                 return row
@@ -280,20 +379,33 @@ def _measure(case, cfg, mode, name, impl, inputs, want, reference, args, bandwid
         return row
     row.median_ms, row.iqr_ms = seconds * 1e3, iqr * 1e3
     row.GBps = case.floor_bytes[mode] / seconds / 1e9
+    if cfg.device.type == "cuda":
+        try:
+            row.peak_GB = peak_memory(impl, inputs, mode, cfg.device)
+        except Exception as err:  # the time stands; say why the memory is missing
+            row.error = f"peak memory: {_error_text(err)}"
+            del err
+            _free_memory()
     return row
 
 
 def _add_speedups(rows: list[Row]) -> None:
-    """Each row's speedup over every reference timed in the same mode (``rows`` are of one case)."""
+    """Each row's speedup over every peer timed in the same mode, and for equikern's rows the peak memory
+    over the least peer's (``rows`` are of one case)."""
     for r in rows:
         for other in rows:
             if (
                 r.median_ms
                 and other.median_ms
                 and other.mode == r.mode
-                and other.impl not in (r.impl, SUBJECT)
+                and other.impl != r.impl
+                and not is_subject(other.impl)
             ):
                 r.speedup[other.impl] = other.median_ms / r.median_ms
+        peers = [o for o in rows if o.mode == r.mode and o.peak_GB and not is_subject(o.impl)]
+        if is_subject(r.impl) and r.peak_GB and peers:
+            best = min(peers, key=lambda o: o.peak_GB)
+            r.best_peer, r.peak_vs_best_peer = best.impl, r.peak_GB / best.peak_GB
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -363,7 +475,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch",
         type=lambda s: [int(b) for b in _csv(s)],
-        help="comma-separated batch sizes (default 50000 on a GPU, 2000 on a CPU)",
+        help="comma-separated batch sizes (default 50000 on a GPU, 2000 on a CPU; conv: see --cells)",
     )
     p.add_argument(
         "--dtype", type=_csv, default=["float32", "float64"], help="float32,float64 (default both)"
@@ -376,6 +488,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--impls",
         type=_csv,
         help=f"implementations to run (default: all importable of {','.join(IMPL_ORDER)})",
+    )
+    p.add_argument(
+        "--cells",
+        type=int,
+        help="conv: cells per side of the diamond lattice (default 9 on a GPU, 3 on a CPU, 2 with --quick)",
     )
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/<device>-<date>)")
     p.add_argument("--reps", type=int, help="least number of timed calls (default 10 on a GPU, 3 on a CPU)")
@@ -394,6 +511,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.modes = args.modes or list(MODES if gpu else MODES[:2])
     if set(args.modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(args.modes) - set(MODES))}; choose from {MODES}")
+    if args.cells is not None and args.cells < 2:
+        p.error("--cells: at least 2 (the box must exceed twice the 3.0 A cutoff)")
     if set(args.dtype) - set(DTYPES):
         p.error(f"--dtype: unknown {sorted(set(args.dtype) - set(DTYPES))}; choose from {sorted(DTYPES)}")
     args.reps = args.reps or (2 if args.quick else 10 if gpu else 3)
@@ -415,17 +534,29 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the results table."""
     peers = _ordered({impl for r in rows for impl in r.speedup})
+    memory = any(r.peak_GB is not None for r in rows)
+    published_memory = any(r.published_peak_GB is not None for r in rows)
     header = ["problem", "batch", "dtype", "mode", "impl", "ms", "±iqr", "GB/s", "floor ms"]
-    header += [f"x {p}" for p in peers] + ["published ms", "check"]
+    header += [f"x {p}" for p in peers] + ["published ms"]
+    header += ["peak GB", "peak / best peer's"] if memory else []
+    header += ["published peak GB"] if published_memory else []
     cells = []
     for r in rows:
         check = r.status if r.max_rel_err is None else f"{r.status} ({r.max_rel_err:.1e})"
+        if r.checked_against and is_subject(r.checked_against):  # the reference failed, equikern checked
+            check += f" vs {r.checked_against}"
         if r.error:
             check += f": {r.error[:100]}"  # the whole message is in results.json
         line = [r.problem, str(r.batch), r.dtype, r.mode, r.impl, _fmt(r.median_ms), _fmt(r.iqr_ms, 2)]
         line += [_fmt(r.GBps), _fmt(r.floor_ms)] + [_fmt(r.speedup.get(p), 3) for p in peers]
-        cells.append(line + [_fmt(r.published_ms), check])
-    return header, cells
+        line += [_fmt(r.published_ms)]
+        if memory:
+            ratio = f"{r.peak_vs_best_peer:.2f} ({r.best_peer})" if r.peak_vs_best_peer else "-"
+            line += [_fmt(r.peak_GB, 3), ratio]
+        if published_memory:
+            line += [_fmt(r.published_peak_GB, 3)]
+        cells.append(line + [check])
+    return header + ["check"], cells
 
 
 def plain_table(rows: list[Row]) -> str:
@@ -444,13 +575,15 @@ def markdown(report: dict, rows: list[Row]) -> str:
         "",
         f"{report['date']}; torch {report['torch']}, e3nn {report['e3nn']}, equikern {report['equikern']}; "
         f"memory floor at {report['bandwidth_GBps']:.0f} GB/s ({report['bandwidth_source']}). "
-        "ms: median; x impl: that implementation's time over this row's; published: anchors.json.",
+        "ms: median; x impl: that implementation's time over this row's; published: anchors.json. "
+        "peak GB (CUDA): memory allocated at the peak of one call of the mode, its inputs included; "
+        "peak / best peer's: equikern's peak over the least of the other implementations' in that mode.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in cells),
     ]
-    lines += [f"\n{name} not run: {why}" for name, why in report["not_run"].items()]
+    lines += [f"\n{name} skipped: {why}" for name, why in report["not_run"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -497,11 +630,14 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def config(args: argparse.Namespace, dtype: torch.dtype, batch: int) -> Config:
+    hardware = hardware_of(args.device)
+    return Config(args.device, dtype, batch, hardware, args.batch_given, args.cells, args.quick)
+
+
 def list_problems(args: argparse.Namespace) -> None:
     errors: dict = {}
-    cfg = Config(
-        args.device, DTYPES[args.dtype[0]], args.batch[0], hardware_of(args.device), args.batch_given
-    )
+    cfg = config(args, DTYPES[args.dtype[0]], args.batch[0])
     for case in all_cases(cfg, errors):
         detail = ", ".join(
             f"{k}={v if len(str(v)) <= 40 else str(v)[:37] + '...'}" for k, v in case.params.items()
@@ -536,13 +672,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     hardware = hardware_of(args.device)
     allocator = keep_freed_memory() if hardware == "cpu" else "default"
-    configs = [
-        Config(args.device, DTYPES[d], b, hardware, args.batch_given)
-        for b in args.batch
-        for d in dict.fromkeys(args.dtype)
-    ]
+    configs = [config(args, DTYPES[d], b) for b in args.batch for d in dict.fromkeys(args.dtype)]
     family_errors: dict = {}
-    work = [(cfg, case) for cfg in configs for case in select(all_cases(cfg, family_errors), args.problems)]
+    work, seen = [], set()
+    for cfg in configs:
+        for case in select(all_cases(cfg, family_errors), args.problems):
+            # a family that sizes its problem without the batch (conv) gives the same case for every batch
+            key = (
+                case.family,
+                case.label,
+                cfg.dtype,
+                case.batch or cfg.batch,
+                json.dumps(case.params, default=str),
+            )
+            if key not in seen:
+                seen.add(key)
+                work.append((cfg, case))
     name = device_name(args.device)
     date = datetime.date.today().isoformat()
     out = args.out or Path("bench-out") / f"{slug(name)}-{date}"
@@ -586,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(rows, out / "results.png", f"equikern bench: {name}, {date}")
     print(plain_table(rows))
     for impl, why in notes.items():
-        print(f"{impl} not run: {why}")
-    failed = [r for r in rows if r.status == "FAILED" or (r.impl == SUBJECT and r.status == "error")]
+        print(f"{impl} skipped: {why}")
+    failed = [r for r in rows if r.status == "FAILED" or (is_subject(r.impl) and r.status == "error")]
     if failed:
         print(f"!!! {len(failed)} rows FAILED or broke for {SUBJECT}: see the check column", file=sys.stderr)
     print(f"results in {out}/results.json, results.md, results.png")

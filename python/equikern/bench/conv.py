@@ -1,4 +1,4 @@
-"""Fused message passing (anchors.json "conv"): equikern.TensorProductConv against e3nn unfused.
+"""Fused message passing (anchors.json "conv"): equikern.TensorProductConv against e3nn unfused and the peers.
 
 The problem: out[dst] += TP(x[src], sh(edge_vec), w_edge) over the edges of a periodic diamond carbon lattice
 (conventional cubic cell a = 3.567 A, 8 atoms, n x n x n cells) with every pair of atoms within 3.0 A an edge
@@ -6,21 +6,45 @@ in both directions (28 neighbours per atom: 163296 edges at the anchors' 9 x 9 x
 channelwise product of the mace-large and nequip-lips rows of anchors.json "tensor_product" (construction of
 bench/tensor_product.py), with per-edge weights; edge attributes are the real spherical harmonics of the
 edge vectors (e3nn's "component" normalisation). Inputs: node features, edge attributes and weights (all
-differentiated in fwdbwd), edge_src and edge_dst.
+differentiated in fwdbwd and dblbwd), edge_src and edge_dst.
 
-Implementations: e3nn_unfused (the reference: gather x[src], e3nn o3.TensorProduct, index_add_) and equikern
-(TensorProductConv, which never stores the [E, dim_out] messages; on a CPU its default and deterministic modes
-are the same code). Size: --batch B asks for about B atoms (n = round((B / 8)^(1/3)), at least 2 so that the
-cutoff is below half the box); without it n = 9 (the anchors' lattice), or n = 3 on a CPU (216 atoms, 6048
-edges: e3nn's unfused mace-large product takes seconds on the full lattice).
+Implementations (the anchors' names, so that their published figures line up):
+
+- e3nn_unfused, the reference: gather x[src], e3nn o3.TensorProduct, index_add_.
+- equikern: TensorProductConv (backend "auto"), which never stores the [E, dim_out] messages; on CUDA it runs
+  Triton kernels adding messages with atomics. equikern_deterministic (CUDA only): deterministic=True, the
+  kernels that walk the edges grouped by destination (on a CPU both modes are the same code).
+- cue_fused_indices (CUDA only): cuEquivariance's ChannelWiseTensorProduct called with indices_1=edge_src
+  (gathers x), indices_out=edge_dst and size_out (scatters the output), ir_mul layout, its default method.
+- oeq_atomic, oeq_deterministic (CUDA only): OpenEquivariance's TensorProductConv(problem, deterministic=...)
+  with rows = edge_dst (receivers) and cols = edge_src (senders); the deterministic kernel gets the edges
+  sorted by (row, col), edge attributes and weights permuted alike, and the permutation that lists the sorted
+  edges by (col, row) (OpenEquivariance's "transpose permutation").
+
+The peers' adapters convert the inputs (layouts, weight order, edge order) once, outside the timed region;
+their outputs and gradients are compared with the reference's (or, where e3nn_unfused cannot run, e.g. out of
+memory, with equikern's) before they are timed.
+
+Size: ``--cells n`` (default 9, the anchors' lattice, on a GPU; 3 on a CPU, 216 atoms and 6048 edges, since
+e3nn's unfused mace-large product takes seconds on the full lattice; 2 with --quick). ``--batch`` does not
+change the lattice.
 """
 
 import torch
 from e3nn import o3
 from torch import Tensor
 
-from equikern.bench import Case, Config, Impl, anchors, io_floor
-from equikern.bench.tensor_product import tensor_product_arguments
+from equikern.bench import Case, Config, Impl, Unavailable, anchors, io_floor
+from equikern.bench.tensor_product import (
+    cue_module,
+    equikern_route,
+    from_ir_mul,
+    import_oeq,
+    oeq_problem,
+    oeq_weight_perm,
+    tensor_product_arguments,
+    to_ir_mul,
+)
 
 FAMILY = "conv"
 LATTICE_CONSTANT = 3.567  # diamond carbon, A
@@ -54,9 +78,46 @@ def diamond_lattice(cells: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _cells(cfg: Config) -> int:
-    if cfg.batch_given:
-        return max(2, round((cfg.batch / 8) ** (1 / 3)))
+    if cfg.cells is not None:
+        return cfg.cells
+    if cfg.quick:
+        return 2
     return _CPU_CELLS if cfg.hardware == "cpu" else _CELLS
+
+
+def oeq_edges(
+    src: Tensor, dst: Tensor, num_nodes: int, deterministic: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """(order, rows, cols, transpose_perm): the edge list as OpenEquivariance's TensorProductConv takes it.
+
+    rows are the receivers (dst), cols the senders (src). For the atomic kernel the edges keep their order
+    (order and transpose_perm None). For the deterministic one they are sorted by (row, col): edge k of the
+    sorted list is edge order[k] of the input; transpose_perm lists the sorted edges by (col, row), so that
+    cols[transpose_perm] is sorted (what OpenEquivariance's CoordGraph computes).
+    """
+    if not deterministic:
+        return None, dst, src, None
+    order = torch.argsort(dst * num_nodes + src, stable=True)
+    rows, cols = dst[order], src[order]
+    return order, rows, cols, torch.argsort(cols * num_nodes + rows, stable=True)
+
+
+def oeq_conv_adapter(module, weight_perm: Tensor, deterministic: bool, num_nodes: int) -> Impl:
+    """An Impl calling ``module(X, Y, W, rows, cols[, transpose_perm])``, OpenEquivariance's forward.
+
+    Edge attributes and weights follow the edges into the kernel's order (a differentiable gather, so their
+    gradients come back in the reference's edge order), weights into the module's order (``weight_perm``).
+    """
+
+    def to_native(xs):
+        x, attr, w, src, dst = xs
+        order, rows, cols, transpose_perm = oeq_edges(src, dst, num_nodes, deterministic)
+        if order is not None:
+            attr, w = attr[order], w[order]
+        native = (x, attr, w[..., weight_perm], rows, cols)
+        return (*native, transpose_perm) if deterministic else native
+
+    return Impl(lambda *xs: module(*xs), to_native)
 
 
 def cases(cfg: Config) -> list[Case]:
@@ -65,8 +126,11 @@ def cases(cfg: Config) -> list[Case]:
     return [_case(row, problems[row["label"]], cfg) for row in anchors()["conv"]["rows"]]
 
 
-def _case(row: dict, problem: dict, cfg: Config) -> Case:
+def _case(row: dict, problem: dict, cfg: Config, cue_method: str | None = None) -> Case:
+    """The case of one anchors row; ``cue_method`` runs cuEquivariance with that method, on a CPU too."""
     args = tensor_product_arguments(problem)
+    if problem["mode"] != "uvu" or args["shared_weights"]:
+        raise ValueError(f"{row['label']}: the convolution benchmark takes channelwise per-edge products")
     n1, n2, n_out, n_w = problem["dims_in1_in2_out_weights"]
     cells = _cells(cfg)
     atoms = 8 * cells**3
@@ -95,24 +159,62 @@ def _case(row: dict, problem: dict, cfg: Config) -> Case:
 
         return Impl(conv)
 
-    def equikern_impl() -> Impl:
+    def equikern_impl(deterministic: bool = False) -> Impl:
         import equikern
 
-        module = equikern.TensorProductConv(**args).to(**like)
-        return Impl(lambda x, attr, w, src, dst: module(x, attr, w, src, dst, atoms))
+        module = equikern.TensorProductConv(**args, deterministic=deterministic).to(**like)
+        note = f"route={equikern_route(module, cfg)}, deterministic={deterministic}"
+        return Impl(lambda x, attr, w, src, dst: module(x, attr, w, src, dst, atoms), note=note)
 
-    edges = (
-        28 * atoms
-    )  # the diamond lattice's neighbours within 3.0 A (asserted in tests/test_tensor_product_conv.py)
+    def cue_impl() -> Impl:
+        if cfg.device.type != "cuda" and cue_method is None:
+            raise Unavailable("needs CUDA: cuEquivariance's fused convolution runs its kernels only on a GPU")
+        module, perm = cue_module(problem, args, cfg, method=cue_method)
+
+        def to_native(xs):
+            x, attr, w, src, dst = xs
+            return (
+                to_ir_mul(x, args["irreps_in1"]),
+                to_ir_mul(attr, args["irreps_in2"]),
+                w[..., perm],
+                src,
+                dst,
+            )
+
+        def conv(x, attr, w, src, dst):
+            return module(x, attr, w, indices_1=src, indices_out=dst, size_out=atoms)
+
+        return Impl(conv, to_native, lambda out: from_ir_mul(out, args["irreps_out"]))
+
+    def oeq_impl(deterministic: bool) -> Impl:
+        if cfg.device.type != "cuda":
+            raise Unavailable("needs CUDA: OpenEquivariance's TensorProductConv runs only on a GPU")
+        oeq = import_oeq()
+        module = oeq.TensorProductConv(oeq_problem(args, cfg), deterministic=deterministic, torch_op=True)
+        return oeq_conv_adapter(module, oeq_weight_perm(module, n_w, False, cfg.device), deterministic, atoms)
+
+    impls = {
+        "equikern": equikern_impl,
+        "e3nn_unfused": e3nn_unfused,
+        "cue_fused_indices": cue_impl,
+        "oeq_atomic": lambda: oeq_impl(False),
+        "oeq_deterministic": lambda: oeq_impl(True),
+    }
+    if cfg.device.type == "cuda":
+        impls["equikern_deterministic"] = lambda: equikern_impl(True)
+
+    # the diamond lattice's neighbours within 3.0 A (asserted in tests/test_tensor_product_conv.py)
+    edges = 28 * atoms
     itemsize = cfg.dtype.itemsize
     in_bytes = (atoms * n1 + edges * (n2 + n_w)) * itemsize
     published = {}
     if cfg.hardware == "h100" and cfg.dtype == torch.float32 and atoms == row["atoms"]:
-        published = {
-            impl: {mode: figs[f"{mode}_ms"] for mode in ("fwd", "fwdbwd")}
-            for impl, figs in row.items()
-            if isinstance(figs, dict)
-        }
+        # impl -> mode -> ms, and the anchors' peak memory of forward+backward as "fwdbwd_peak_GB"
+        for impl, figs in row.items():
+            if isinstance(figs, dict):
+                published[impl] = {mode: figs[f"{mode}_ms"] for mode in ("fwd", "fwdbwd")}
+                if "peak_GB" in figs:
+                    published[impl]["fwdbwd_peak_GB"] = figs["peak_GB"]
     return Case(
         family=FAMILY,
         label=f"conv-{row['label']}",
@@ -130,9 +232,10 @@ def _case(row: dict, problem: dict, cfg: Config) -> Case:
             "floor_note": "bytes of features, attributes, weights and output once (indices not counted)",
         },
         inputs=inputs,
-        impls={"equikern": equikern_impl, "e3nn_unfused": e3nn_unfused},
+        impls=impls,
         floor_bytes=io_floor(in_bytes, atoms * n_out * itemsize),
         reference="e3nn_unfused",
+        fallback_reference="equikern",
         published=published,
         batch=atoms,
     )

@@ -2,6 +2,12 @@
 
 Every implementation gets the same inputs in e3nn's layout ([batch, dim] in mul_ir order, weights in e3nn's
 instruction order); the peers' adapters convert them once, outside the timed region, into their own layout.
+
+Implementations: e3nn (the reference); equikern (TensorProduct, backend "auto": on CUDA the Triton kernels for
+the all-uvu and all-uvw problems, the C++/CUDA op otherwise); equikern_native (CUDA: backend "native", the
+C++/CUDA op, so that both routes are timed); cue (cuEquivariance's ChannelWiseTensorProduct or
+FullyConnectedTensorProduct, ir_mul layout; on a CPU its "naive" torch fallback); oeq (OpenEquivariance's
+TensorProduct, CUDA only). Where e3nn cannot run a mode (out of memory) equikern's results check the peers.
 """
 
 import re
@@ -78,11 +84,11 @@ def _transpose_blocks(x: Tensor, blocks: list[tuple[int, int]]) -> Tensor:
     return torch.cat(parts, -1)
 
 
-def _to_ir_mul(x: Tensor, irreps: str) -> Tensor:
+def to_ir_mul(x: Tensor, irreps: str) -> Tensor:
     return _transpose_blocks(x, [(mul, ir.dim) for mul, ir in o3.Irreps(irreps)])
 
 
-def _from_ir_mul(x: Tensor, irreps: str) -> Tensor:
+def from_ir_mul(x: Tensor, irreps: str) -> Tensor:
     return _transpose_blocks(x, [(ir.dim, mul) for mul, ir in o3.Irreps(irreps)])
 
 
@@ -103,6 +109,96 @@ def _published(problem: dict, cfg: Config) -> dict[str, dict[str, float]]:
             if found and int(found[1]) == cfg.batch and problem["label"] in table:
                 return {"e3nn": table[problem["label"]]}
     return {}
+
+
+def equikern_route(module, cfg: Config) -> str:
+    """Which kernels an equikern module runs on the config's device: "triton" or "native" (C++/CUDA op)."""
+    triton = getattr(module, "_triton_key", None) is not None
+    return "triton" if triton and (module.backend == "triton" or cfg.device.type == "cuda") else "native"
+
+
+def cue_module(problem: dict, args: dict, cfg: Config, method: str | None = None):
+    """cuEquivariance's module for the problem (ir_mul layout) and the index that orders e3nn's weights.
+
+    Channelwise (uvu) problems take ``cuet.ChannelWiseTensorProduct`` with the problem's target irreps as
+    filter, the others ``cuet.FullyConnectedTensorProduct``; weights are per sample (or shared, [1, n]).
+    ``method`` is cue's (default: its own choice on CUDA, "naive", its torch fallback, on a CPU). Raises
+    ``Unavailable`` when cuEquivariance (or on CUDA its kernels, cuequivariance_ops_torch) is not installed.
+    """
+    try:
+        import cuequivariance as cue
+        import cuequivariance_torch as cuet
+        from cuequivariance.group_theory.experimental.e3nn import O3_e3nn
+
+        if cfg.device.type == "cuda":
+            import cuequivariance_ops_torch  # noqa: F401  (without it cuet silently runs its naive fallback)
+    except ImportError as err:
+        raise Unavailable(f"cuEquivariance: {err}") from err
+
+    def irreps(text: str):
+        return cue.Irreps(O3_e3nn, text)
+
+    shared = args["shared_weights"]
+    common = dict(
+        layout=cue.ir_mul,
+        shared_weights=shared,
+        internal_weights=False,
+        math_dtype=cfg.dtype,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+    if method is not None or cfg.device.type == "cpu":
+        common["method"] = method or "naive"  # cue's kernels are CUDA-only; naive is its torch fallback
+    paths = range(len(args["instructions"]))
+    if problem["mode"] == "uvu":
+        module = cuet.ChannelWiseTensorProduct(
+            irreps(args["irreps_in1"]),
+            irreps(args["irreps_in2"]),
+            irreps(problem["irreps_out_target"]),
+            **common,
+        )
+        # Each channelwise path has its own output block; cue orders the weights by that block.
+        paths = sorted(paths, key=lambda t: args["instructions"][t][2])
+    else:
+        module = cuet.FullyConnectedTensorProduct(
+            irreps(args["irreps_in1"]), irreps(args["irreps_in2"]), irreps(args["irreps_out"]), **common
+        )
+    if str(module.irreps_out) != args["irreps_out"]:
+        raise ValueError(f"cue's output irreps {module.irreps_out} differ from e3nn's {args['irreps_out']}")
+    return module, _weight_permutation(_path_sizes(args), list(paths)).to(cfg.device)
+
+
+def import_oeq():
+    """The openequivariance package, or ``Unavailable``."""
+    try:
+        import openequivariance as oeq
+    except ImportError as err:
+        raise Unavailable(f"OpenEquivariance: {err}") from err
+    return oeq
+
+
+def oeq_problem(args: dict, cfg: Config):
+    """OpenEquivariance's TPProblem for e3nn.o3.TensorProduct(**args) at the config's dtype."""
+    oeq = import_oeq()
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[cfg.dtype]
+    return oeq.TPProblem(
+        oeq.Irreps(args["irreps_in1"]),
+        oeq.Irreps(args["irreps_in2"]),
+        oeq.Irreps(args["irreps_out"]),
+        args["instructions"],
+        shared_weights=args["shared_weights"],
+        internal_weights=False,
+        irrep_dtype=np_dtype,
+        weight_dtype=np_dtype,
+    )
+
+
+def oeq_weight_perm(module, n_w: int, shared: bool, device: torch.device) -> Tensor:
+    """Index gathering an OpenEquivariance module's weight order from e3nn's (its reorder is a permutation:
+    read it off indices)."""
+    probe = torch.arange(n_w, dtype=torch.float64)
+    probe = module.reorder_weights_from_e3nn(probe if shared else probe[None], has_batch_dim=not shared)
+    return probe.reshape(-1).long().to(device)
 
 
 def cases(cfg: Config) -> list[Case]:
@@ -127,85 +223,38 @@ def _case(problem: dict, cfg: Config) -> Case:
             raise ValueError(f"construction gives dims {dims}, anchors.json says {n1, n2, n_out, n_w}")
         return Impl(module)
 
-    def equikern_impl() -> Impl:
+    def equikern_impl(backend: str = "auto") -> Impl:
         import equikern
 
-        return Impl(equikern.TensorProduct(**args).to(**like))
+        module = equikern.TensorProduct(**args, backend=backend).to(**like)
+        return Impl(module, note=f"backend={backend}, route={equikern_route(module, cfg)}")
 
     def cue_impl() -> Impl:
-        try:
-            import cuequivariance as cue
-            import cuequivariance_torch as cuet
-            from cuequivariance.group_theory.experimental.e3nn import O3_e3nn
-
-            if cfg.device.type == "cuda":
-                import cuequivariance_ops_torch  # noqa: F401  (without it cuet silently runs its naive fallback)
-        except ImportError as err:
-            raise Unavailable(f"cuEquivariance: {err}") from err
-
-        def irreps(text: str):
-            return cue.Irreps(O3_e3nn, text)
-
-        common = dict(
-            layout=cue.ir_mul, shared_weights=shared, internal_weights=False, math_dtype=cfg.dtype, **like
-        )
-        if cfg.device.type == "cpu":
-            common["method"] = "naive"  # cue's kernels are CUDA-only; naive is its torch fallback
-        paths = range(len(args["instructions"]))
-        if problem["mode"] == "uvu":
-            module = cuet.ChannelWiseTensorProduct(
-                irreps(args["irreps_in1"]),
-                irreps(args["irreps_in2"]),
-                irreps(problem["irreps_out_target"]),
-                **common,
-            )
-            # Each channelwise path has its own output block; cue orders the weights by that block.
-            paths = sorted(paths, key=lambda t: args["instructions"][t][2])
-        else:
-            module = cuet.FullyConnectedTensorProduct(
-                irreps(args["irreps_in1"]), irreps(args["irreps_in2"]), irreps(args["irreps_out"]), **common
-            )
-        if str(module.irreps_out) != args["irreps_out"]:
-            raise ValueError(
-                f"cue's output irreps {module.irreps_out} differ from e3nn's {args['irreps_out']}"
-            )
-        perm = _weight_permutation(_path_sizes(args), list(paths)).to(cfg.device)
+        module, perm = cue_module(problem, args, cfg)
 
         def to_native(xs):
             x1, x2, w = xs
             w = w[..., perm]
             return (
-                _to_ir_mul(x1, args["irreps_in1"]),
-                _to_ir_mul(x2, args["irreps_in2"]),
+                to_ir_mul(x1, args["irreps_in1"]),
+                to_ir_mul(x2, args["irreps_in2"]),
                 w[None] if shared else w,
             )
 
-        return Impl(module, to_native, lambda out: _from_ir_mul(out, args["irreps_out"]))
+        return Impl(module, to_native, lambda out: from_ir_mul(out, args["irreps_out"]))
 
     def oeq_impl() -> Impl:
         if cfg.device.type != "cuda":
-            raise Unavailable("OpenEquivariance: needs a CUDA device")
-        try:
-            import openequivariance as oeq
-        except ImportError as err:
-            raise Unavailable(f"OpenEquivariance: {err}") from err
-        np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[cfg.dtype]
-        tp_problem = oeq.TPProblem(
-            oeq.Irreps(args["irreps_in1"]),
-            oeq.Irreps(args["irreps_in2"]),
-            oeq.Irreps(args["irreps_out"]),
-            args["instructions"],
-            shared_weights=shared,
-            internal_weights=False,
-            irrep_dtype=np_dtype,
-            weight_dtype=np_dtype,
-        )
-        module = oeq.TensorProduct(tp_problem, torch_op=True)
-        # oeq stores some paths' weights in another order; its reorder is a permutation, read it off indices.
-        probe = torch.arange(n_w, dtype=torch.float64)
-        probe = module.reorder_weights_from_e3nn(probe if shared else probe[None], has_batch_dim=not shared)
-        perm = probe.reshape(-1).long().to(cfg.device)
+            raise Unavailable("needs CUDA: OpenEquivariance's kernels run only on a GPU")
+        oeq = import_oeq()
+        module = oeq.TensorProduct(oeq_problem(args, cfg), torch_op=True)
+        perm = oeq_weight_perm(module, n_w, shared, cfg.device)
         return Impl(module, lambda xs: (xs[0], xs[1], xs[2][..., perm]))
+
+    impls = {"equikern": equikern_impl, "e3nn": e3nn_impl, "cue": cue_impl, "oeq": oeq_impl}
+    if cfg.device.type == "cuda":
+        # backend="auto" takes the Triton kernels for these products on CUDA: time the C++/CUDA op too
+        impls["equikern_native"] = lambda: equikern_impl("native")
 
     itemsize = cfg.dtype.itemsize
     in_bytes = (batch * (n1 + n2) + (n_w if shared else batch * n_w)) * itemsize
@@ -221,7 +270,8 @@ def _case(problem: dict, cfg: Config) -> Case:
             "dims_in1_in2_out_weights": problem["dims_in1_in2_out_weights"],
         },
         inputs=inputs,
-        impls={"equikern": equikern_impl, "e3nn": e3nn_impl, "cue": cue_impl, "oeq": oeq_impl},
+        impls=impls,
         floor_bytes=io_floor(in_bytes, batch * n_out * itemsize),
         published=_published(problem, cfg),
+        fallback_reference="equikern",
     )
