@@ -6,6 +6,10 @@
 # OpenEquivariance. Stages can be skipped: STAGES="build tests sanitizer bench" (default all).
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
+#
+# A device command may run 10 minutes: split the stages over calls, e.g. STAGES="build tests sanitizer",
+# then STAGES="build bench" (the build is incremental on a warm machine). results.json is rewritten after
+# every case, so a bench cut off by the limit keeps what it measured.
 set -uo pipefail
 DEST=${OUT:-}
 OUT=gpu-out
@@ -42,7 +46,8 @@ if has sanitizer; then
 fi
 
 if has bench; then
-  python3 -m equikern.bench --device cuda --dtype float32 --out "$OUT/bench-fp32" 2>&1 | tail -80 \
+  python3 -m equikern.bench --device cuda --dtype float32 --problems tensor_product,conv --min-time 0.2 \
+    --out "$OUT/bench-fp32" 2>&1 | tail -80 \
     | tee "$OUT/bench-fp32.log" || status=1
   python3 -m equikern.bench --device cuda --dtype float64 --modes fwd,fwdbwd --problems tensor_product \
     --out "$OUT/bench-fp64" 2>&1 | tail -40 | tee "$OUT/bench-fp64.log" || status=1
