@@ -3,7 +3,7 @@
 # compute-sanitizer on small cases, then the benchmark beside the peers. Writes logs and results under
 # gpu-out/ and, where the device tool gives an $OUT folder (it returns at most 8 files), packs them into
 # $OUT/gpu-session.tgz. Carry .peers (../shared/tools/fetch_peers.sh) for cuEquivariance and
-# OpenEquivariance. Stages can be skipped: STAGES="build tests sanitizer bench" (default all).
+# OpenEquivariance. Stages can be skipped: STAGES="build tests sanitizer tune bench" (default all).
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
 #
@@ -13,7 +13,7 @@
 set -uo pipefail
 DEST=${OUT:-}
 OUT=gpu-out
-STAGES=${STAGES:-"build tests sanitizer bench"}
+STAGES=${STAGES:-"build tests sanitizer tune bench"}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export EQUIKERN_CACHE_DIR=${EQUIKERN_CACHE_DIR:-$PWD/.equikern-cache}
@@ -43,6 +43,11 @@ if has sanitizer; then
     tests/test_triton_tensor_product.py tests/test_triton_tensor_product_conv.py \
     -k "cuda_matches_cpu_native and float32 or lattice and float32" 2>&1 | tail -30 | tee "$OUT/memcheck.log" \
     || status=1
+fi
+
+if has tune; then
+  # launch configurations of the Triton kernels (tile size, warps) for the six problems
+  python3 -m equikern.triton.tune --json "$OUT/tune.json" 2>&1 | tail -20 | tee "$OUT/tune.log" || status=1
 fi
 
 if has bench; then

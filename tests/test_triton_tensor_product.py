@@ -264,3 +264,17 @@ def test_cuda_compile_and_export():
     assert torch.allclose(torch.compile(tp, fullgraph=True)(x, y, w), expected, rtol=1e-5, atol=1e-5)
     exported = torch.export.export(tp, (x, y, w))
     assert torch.allclose(exported.module()(x, y, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tuner_runs_every_configuration(tmp_path):
+    """python -m equikern.triton.tune (timings mean nothing under the interpreter: this checks the loop)."""
+    import json
+
+    from equikern.triton import tune
+
+    out = tmp_path / "tune.json"
+    args = ["--irreps", "2x0e+2x1o;0e+1o;0e+1o", "--batch", "3", "--configs", "quick", "--reps", "1"]
+    assert tune.main(args + ["--dtype", "float64", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["direction"], r["tile"], r["warps"]) for r in rows} == {("fwd", 512, 4), ("bwd", 128, 4)}
+    assert ttp.CONFIG == {"fwd": [512, 4], "bwd": [128, 4]}  # restored

@@ -590,17 +590,24 @@ def _coverage(plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weig
     return bool(out.all()), bool(g1.all()), bool(gw.all())
 
 
-# Elements of a [BZ, BU] tile, per direction: the backward keeps about three times as many tiles live
-# (x1, the output gradient, x1's gradient), so it takes smaller ones. EQUIKERN_TRITON_TILE="fwd,bwd"
-# overrides (for tuning on a GPU).
-_TILE = {"fwd": 512, "bwd": 128}
-if os.environ.get("EQUIKERN_TRITON_TILE"):
-    _TILE = dict(zip(("fwd", "bwd"), (int(v) for v in os.environ["EQUIKERN_TRITON_TILE"].split(","))))
+# Launch configuration per direction: elements of a [BZ, BU] tile and warps per program. The backward
+# keeps about three times as many tiles live (x1, the output gradient, x1's gradient), so it takes
+# smaller tiles: at 512 elements it spilled up to 19 KB per thread (python -m equikern.triton.aot).
+# EQUIKERN_TRITON_CONFIG="fwd_tile,fwd_warps,bwd_tile,bwd_warps" overrides; python -m
+# equikern.triton.tune measures the choices on a GPU.
+CONFIG = {"fwd": [512, 4], "bwd": [128, 4]}
+if os.environ.get("EQUIKERN_TRITON_CONFIG"):
+    _v = [int(v) for v in os.environ["EQUIKERN_TRITON_CONFIG"].split(",")]
+    CONFIG = {"fwd": _v[0:2], "bwd": _v[2:4]}
+
+
+def warps(direction: str) -> int:
+    return CONFIG[direction][1]
 
 
 def _block_z(plan: Plan, dtype: torch.dtype, direction: str = "fwd") -> int:
     """Samples per tile: the direction's tile size over the channels per tile (halved in float64)."""
-    return max(1, _TILE[direction] // (2 if dtype == torch.float64 else 1) // plan.tile(direction)[0])
+    return max(1, CONFIG[direction][0] // (2 if dtype == torch.float64 else 1) // plan.tile(direction)[0])
 
 
 @torch.library.custom_op("equikern::tensor_product_triton", mutates_args=())
@@ -628,7 +635,19 @@ def _tp_op(
     grid = (-(-z // bz), nch)
     strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1, x2, weight)]
     with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
-        fwd[grid](x1, x2, weight, out, z, *strides, out_dim, ACC=_acc(x1.dtype), BZ=bz, BU=bu)
+        fwd[grid](
+            x1,
+            x2,
+            weight,
+            out,
+            z,
+            *strides,
+            out_dim,
+            ACC=_acc(x1.dtype),
+            BZ=bz,
+            BU=bu,
+            num_warps=warps("fwd"),
+        )
     return out
 
 
@@ -669,7 +688,7 @@ def _tp_bwd_op(
         with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
             bwd[(tiles, nch)](
                 grad_out, x1c, x2c, wc, g1, g2, gw, z, *strides, out_dim, d1, d2, dw,
-                ACC=_acc(x1.dtype), BZ=bz, BU=bu,
+                ACC=_acc(x1.dtype), BZ=bz, BU=bu, num_warps=warps("bwd"),
             )  # fmt: skip
     else:
         g1.zero_(), gw.zero_(), g2.zero_()

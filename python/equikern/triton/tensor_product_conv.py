@@ -252,14 +252,28 @@ def _conv_op(
             fwd = ttp.kernel(key, "conv_fwd_csr", weighted_only)
             fwd[(-(-n // bz), nch)](
                 x, attr, w, out, edge_src, dst_perm, dst_ptr, n, e, x.shape[0], _max_degree(dst_ptr),
-                x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu,
+                x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"),
             )  # fmt: skip
             return out
         out = torch.zeros((n, out_dim), dtype=_acc_dtype(x.dtype), device=x.device)
         fwd = ttp.kernel(key, "conv_fwd_atomic", weighted_only)
         src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)  # in range: see conv_graph
         fwd[(-(-e // bz), nch)](
-            x, attr, w, out, src, dst, e, x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu
+            x,
+            attr,
+            w,
+            out,
+            src,
+            dst,
+            e,
+            x.shape[1],
+            attr.shape[1],
+            sw,
+            out_dim,
+            ACC=acc,
+            BZ=bz,
+            BU=bu,
+            num_warps=ttp.warps("fwd"),
         )
     return out.to(x.dtype)
 
@@ -313,7 +327,7 @@ def _conv_bwd_op(
             bwd = ttp.kernel(key, "conv_bwd_csr", weighted_only, d2, shared_w)
             bwd[(tiles, nch)](
                 g, x, attr, w, g1, g2, gw, edge_dst, src_perm, src_ptr, n1, e, n, _max_degree(src_ptr),
-                d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu,
+                d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
             )  # fmt: skip
         else:
             tiles = -(-e // bz)
@@ -323,7 +337,7 @@ def _conv_bwd_op(
             bwd = ttp.kernel(key, "conv_bwd_atomic", weighted_only, d2, shared_w)
             bwd[(tiles, nch)](
                 g, x, attr, w, g1, g2, gw, src, dst, e,
-                d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu,
+                d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
             )  # fmt: skip
             g1 = g1.to(x.dtype)
     g2 = g2[0] if nch == 1 else g2.sum(0)
