@@ -4,12 +4,16 @@ A 3-way tensor T [I, J, K] is approximated by sum_r A[:, r] (x) B[:, r] (x) C[:,
 x1, x2 -> T(x1, x2) then costs (I + J + K) R per product instead of the nonzeros of T.
 """
 
+import importlib.util
 import math
 
 import torch
 from torch import Tensor
 
 from equikern.ops import cp as _ops  # also registers the fake kernels and autograd
+from equikern.triton.cp import cp_bilinear as triton_cp_bilinear  # triton itself loads lazily
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _as_tensor3(tensor) -> Tensor:
@@ -146,7 +150,13 @@ def exact_factors(tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def cp_bilinear(
-    x1: Tensor, x2: Tensor, A: Tensor, B: Tensor, C: Tensor, weight: Tensor | None = None
+    x1: Tensor,
+    x2: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    weight: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """out[..., k] = weight[...] sum_r C[k, r] (sum_i A[i, r] x1[..., i]) (sum_j B[j, r] x2[..., j]).
 
@@ -156,7 +166,12 @@ def cp_bilinear(
     kernel builds one [K, I] matrix per sample from it and applies it to every channel. Those dims are
     moved innermost for the kernel, which copies x1 and the output unless there are no such dims; the
     copy-free layout is x1 [samples, I, channels] (``equikern.ops.cp.cp_bilinear``).
+
+    ``backend``: "native" (the C++ / CUDA op), "triton" (:mod:`equikern.triton.cp`; on a CPU only under
+    Triton's interpreter) or "auto": Triton for CUDA tensors when triton is installed, native otherwise.
     """
+    if backend not in ("auto", "native", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'native' or 'triton', got {backend!r}")
     for t, name in ((x1, "x1"), (x2, "x2"), (A, "A"), (B, "B"), (C, "C"), (weight, "weight")):
         if t is None and name == "weight":
             continue
@@ -201,8 +216,16 @@ def cp_bilinear(
     x2n = x2.reshape(s2[:split] + (J,))  # drop the broadcast channel dims
     x2n = x2n.reshape(1, J) if math.prod(s2) == 1 else x2n.expand(samples + (J,)).reshape(Z, J)
     wn = None if weight is None else weight.expand(batch).reshape(Z, Cc)
-    out = _ops.cp_bilinear(x1n, x2n, A, B, C, wn)
+    out = op_for(x1, backend)(x1n, x2n, A, B, C, wn)
     return out.transpose(1, 2).reshape(batch + (C.shape[0],))
+
+
+def op_for(x: Tensor, backend: str = "auto"):
+    """The CP bilinear op (native layout) that runs tensors like x: Triton for CUDA tensors when triton is
+    installed ("auto"), else the C++/CUDA op."""
+    if backend == "triton" or (backend == "auto" and x.is_cuda and _HAVE_TRITON):
+        return triton_cp_bilinear
+    return _ops.cp_bilinear
 
 
 def from_tensor_product(tp, rank: int | None = None, tol: float = 1e-3):

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from equikern.cp import cp_decompose, exact_factors
+from equikern.cp import cp_decompose, exact_factors, op_for
 from equikern.irreps import as_irreps
 from equikern.nn.tensor_product import TensorProduct
-from equikern.ops.cp import cp_bilinear
 from equikern.so3 import rand_matrix, wigner_3j
 
 LAYOUTS = ("mul_ir", "ir_mul")
@@ -252,7 +251,7 @@ class CPTensorProduct(torch.nn.Module):
             else y.expand(batch + y.shape[-1:]).reshape(Z, -1)
         )
         weight = weight.expand(batch + (C,)).reshape(Z, C)
-        out = cp_bilinear(x, y, *self.factors(x.dtype), weight).reshape(Z, -1)
+        out = op_for(x)(x, y, *self.factors(x.dtype), weight).reshape(Z, -1)
         if self.layout == "mul_ir":
             out = out.index_select(1, self._gather_out)
         return out.reshape(batch + (C * self._d_out,))

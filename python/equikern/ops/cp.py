@@ -72,49 +72,55 @@ def _(grad, x1, x2, A, B, C, weight=None, factor_grads=True, route="auto"):
     )
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.route = inputs[6]
+def register_cp_autograd(fwd_op, bwd_op, fwd, bwd) -> None:
+    """Derivatives of a CP bilinear op pair: fwd_op(x1, x2, A, B, C, weight, *extra) and
+    bwd_op(grad, x1, x2, A, B, C, weight, factor_grads, *extra), called through
+    fwd(args, extra) and bwd(grad, args, factor_grads, extra) with args the six operands."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+        ctx.extra = tuple(inputs[6:])
+
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad[:6]
+        grads = bwd(grad, ctx.saved_tensors, any(need[2:5]), ctx.extra)
+        return (*(g if n else None for g, n in zip(grads, need)), *(None,) * len(ctx.extra))
+
+    def bwd_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.factor_grads, ctx.extra = inputs[7], tuple(inputs[8:])
+
+    def bwd_backward(ctx, *tangents):
+        grad, *args = ctx.saved_tensors  # args: x1, x2, A, B, C, weight (None without one)
+        need_grad, *need = ctx.needs_input_grad[:7]
+        tangents = list(tangents)
+        if not ctx.factor_grads:  # the factor outputs were constant zeros
+            tangents[2:5] = [None] * 3
+        if args[5] is None:  # the weight output was a constant empty tensor
+            tangents[5] = None
+        d_grad, d_args = None, [None] * 6
+        for x, t in enumerate(tangents):
+            if t is None:
+                continue
+            swapped = list(args)
+            swapped[x] = t
+            if need_grad:
+                f = fwd(swapped, ctx.extra)
+                d_grad = f if d_grad is None else d_grad + f
+            others = [y for y in range(6) if y != x and need[y]]
+            if others:
+                parts = bwd(grad, swapped, any(2 <= y <= 4 for y in others), ctx.extra)
+                for y in others:
+                    d_args[y] = parts[y] if d_args[y] is None else d_args[y] + parts[y]
+        return (d_grad, *d_args, None, *(None,) * len(ctx.extra))
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup)
+    torch.library.register_autograd(bwd_op, bwd_backward, setup_context=bwd_setup)
 
 
-def _backward(ctx, grad):
-    need = ctx.needs_input_grad[:6]
-    *operands, weight = ctx.saved_tensors
-    grads = cp_bilinear_backward(grad, *operands, weight, any(need[2:5]), ctx.route)
-    return (*(g if n else None for g, n in zip(grads, need)), None)
-
-
-torch.library.register_autograd("equikern::cp_bilinear", _backward, setup_context=_setup)
-
-
-def _bwd_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
-    ctx.factor_grads, ctx.route = inputs[7], inputs[8]
-
-
-def _bwd_backward(ctx, *tangents):
-    grad, *args = ctx.saved_tensors  # args: x1, x2, A, B, C, weight (None without one)
-    need_grad, *need = ctx.needs_input_grad[:7]
-    tangents = list(tangents)
-    if not ctx.factor_grads:  # the factor outputs were constant zeros
-        tangents[2:5] = [None] * 3
-    if args[5] is None:  # the weight output was a constant empty tensor
-        tangents[5] = None
-    d_grad, d_args = None, [None] * 6
-    for x, t in enumerate(tangents):
-        if t is None:
-            continue
-        swapped = list(args)
-        swapped[x] = t
-        if need_grad:
-            f = cp_bilinear(*swapped, ctx.route)
-            d_grad = f if d_grad is None else d_grad + f
-        others = [y for y in range(6) if y != x and need[y]]
-        if others:
-            parts = cp_bilinear_backward(grad, *swapped, any(2 <= y <= 4 for y in others), ctx.route)
-            for y in others:
-                d_args[y] = parts[y] if d_args[y] is None else d_args[y] + parts[y]
-    return (d_grad, *d_args, None, None)
-
-
-torch.library.register_autograd("equikern::cp_bilinear_backward", _bwd_backward, setup_context=_bwd_setup)
+register_cp_autograd(
+    "equikern::cp_bilinear",
+    "equikern::cp_bilinear_backward",
+    lambda args, extra: cp_bilinear(*args, *extra),
+    lambda grad, args, fg, extra: cp_bilinear_backward(grad, *args, fg, *extra),
+)

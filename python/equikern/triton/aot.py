@@ -94,6 +94,42 @@ def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int =
     return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
 
 
+def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Compiled:
+    """Compiles the CP bilinear kernel (equikern.triton.cp) for the anchors' shapes: d = (L+1)^2, R = 7 L^2,
+    128 channels, with a weight and (backward) factor gradients."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from equikern.triton import _cp_kernels
+    from equikern.triton import cp as tcp
+
+    fn = _cp_kernels.fwd if direction == "fwd" else _cp_kernels.bwd
+    d, R = (L + 1) ** 2, 7 * L * L
+    x1 = torch.empty(1, d, 128, dtype=dtype, device="meta")
+    x2 = torch.empty(1, d, dtype=dtype, device="meta")
+    A = torch.empty(d, R, dtype=dtype, device="meta")
+    if direction == "fwd":
+        meta = tcp._meta(x1, x2, A, A, 1)
+    else:
+        meta = tcp._meta(x1, x2, A, A, tcp.SAMPLES_PER_PROGRAM, tcp.BACKWARD_CHANNELS)
+    constexprs = {**meta, "HAS_W": True, "FACTORS": True}
+    sig = {n: ("constexpr" if n in constexprs else "i32") for n in fn.arg_names}
+    for n in fn.arg_names:
+        if sig[n] == "i32" and n not in ("Z", "I", "J", "K", "R", "Cc", "s2"):
+            sig[n] = "*" + _TRITON_DTYPE[dtype]
+    constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
+    c = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 4},
+    )
+    regs, spills = _ptxas(c.asm["ptx"], arch)
+    return Compiled(
+        f"cp_{direction}", _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n")
+    )
+
+
 def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str, mode: str = "uvu") -> tuple[str, int]:
     """(plan key, dim of irreps_in2) of a problem's product: channelwise (uvu) or fully connected (uvw)."""
     import equikern
@@ -117,6 +153,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--irreps", help="a problem instead: 'irreps_in1;irreps_in2;irreps_out[;uvw]'")
+    parser.add_argument("--cp", default="1,2,3", help="degrees L of the CP kernels to compile ('' for none)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
@@ -144,6 +181,16 @@ def main(argv=None) -> int:
                 rows.append({"problem": label, **r.__dict__})
                 print(
                     f"{label:24} {kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
+                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
+                    flush=True,
+                )
+    for L in [int(v) for v in args.cp.split(",") if v]:
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            for direction in ("fwd", "bwd"):
+                r = compile_cp(L, dtype, direction, args.arch)
+                rows.append({"problem": f"cp-L{L}", **r.__dict__})
+                print(
+                    f"{'cp-L' + str(L):24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
                     f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
                     flush=True,
                 )
