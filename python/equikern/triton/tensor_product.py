@@ -77,6 +77,20 @@ class Plan:
     def active(self, weighted_only: bool) -> list[Path]:
         return [p for p in self.paths if p.woff >= 0 or not weighted_only]
 
+    def by_output(self, weighted_only: bool) -> dict[tuple[int, int, int], list[Path]]:
+        """The active paths grouped by output block (offo, mo, d3), in plan order."""
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in self.active(weighted_only):
+            groups.setdefault((p.offo, p.mo, p.d3), []).append(p)
+        return groups
+
+    def by_input(self, weighted_only: bool) -> dict[tuple[int, int, int], list[Path]]:
+        """The active paths grouped by x1 block (off1, m1, d1), in plan order."""
+        groups: dict[tuple[int, int, int], list[Path]] = {}
+        for p in self.active(weighted_only):
+            groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+        return groups
+
 
 MAX_UVW_CHANNELS = 256  # the uvw backward holds a block's output channels in one tile
 
@@ -233,9 +247,7 @@ def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False) -> st
         code("p2 = x2 + z * s2")
         code("pw = w + z * sw")
         code("po = out + no * so")
-        groups: dict[tuple[int, int, int], list[Path]] = {}
-        for p in plan.active(weighted_only):
-            groups.setdefault((p.offo, p.m1, p.d3), []).append(p)
+        groups = plan.by_output(weighted_only)
         for (offo, mo, d3), group in groups.items():
             with code.block(f"if u0 < {mo}:"):
                 code(f"m = zm & (u < {mo})")
@@ -302,6 +314,18 @@ def _backward_paths(
                 code(f"e{jj} = e{jj} + tl.sum({_sum(terms)}, axis=1)")
 
 
+def _backward_rows(code: _Code, shared_w: bool, g2_row: str) -> None:
+    """Row pointers of a backward tile: operands x1[n1], x2[z], w[z], output gradient g[no]; gradients
+    g1[n1], g2[g2_row], gw[z] (shared_w: one row per tile of samples)."""
+    code("p1 = x1 + n1 * s1")
+    code("p2 = x2 + z * s2")
+    code("pw = w + z * sw")
+    code("pg = g + no * so")
+    code("q1 = g1 + n1 * r1")
+    code(f"q2 = g2 + {g2_row} * r2")
+    code("qw = gw + " + ("tl.program_id(0) * rw" if shared_w else "z * rw"))
+
+
 def _backward_source(
     plan: Plan, weighted_only: bool, dim2: int, gather: bool = False, shared_w: bool = False
 ) -> str:
@@ -317,18 +341,10 @@ def _backward_source(
     )
     with code.block(header):
         _prologue(code, gather)
-        code("p1 = x1 + n1 * s1")
-        code("p2 = x2 + z * s2")
-        code("pw = w + z * sw")
-        code("pg = g + no * so")
-        code("q1 = g1 + n1 * r1")
-        code("q2 = g2 + (tl.program_id(1) * Z + z) * r2")
-        code("qw = gw + " + ("tl.program_id(0) * rw" if shared_w else "z * rw"))
+        _backward_rows(code, shared_w, "(tl.program_id(1) * Z + z)")
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ], ACC)")
-        groups: dict[tuple[int, int, int], list[Path]] = {}
-        for p in plan.active(weighted_only):
-            groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+        groups = plan.by_input(weighted_only)
         for (off1, m1, d1), group in groups.items():
             with code.block(f"if u0 < {m1}:"):
                 code(f"m = zm & (u < {m1})")
@@ -364,9 +380,7 @@ def _uvw_forward_source(plan: Plan, weighted_only: bool) -> str:
         code("p2 = x2 + z * s2")
         code("pw = w + z * sw")
         code("po = out + z * so")
-        groups: dict[tuple[int, int, int], list[Path]] = {}
-        for p in plan.active(weighted_only):
-            groups.setdefault((p.offo, p.mo, p.d3), []).append(p)
+        groups = plan.by_output(weighted_only)
         for (offo, mo, d3), group in groups.items():
             with code.block(f"if u0 < {mo}:"):
                 code(f"m = zm & (u < {mo})")
@@ -410,18 +424,10 @@ def _uvw_backward_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
     )
     with code.block(header):
         _prologue(code, False)
-        code("p1 = x1 + z * s1")
-        code("p2 = x2 + z * s2")
-        code("pw = w + z * sw")
-        code("pg = g + z * so")
-        code("q1 = g1 + z * r1")
-        code("q2 = g2 + z * r2")
-        code("qw = gw + " + ("tl.program_id(0) * rw" if shared_w else "z * rw"))
+        _backward_rows(code, shared_w, "z")
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ, 1], ACC)")
-        groups: dict[tuple[int, int, int], list[Path]] = {}
-        for p in plan.active(weighted_only):
-            groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+        groups = plan.by_input(weighted_only)
         for (off1, m1, d1), group in groups.items():
             with code.block(f"for c in range(0, {m1}):"):
                 for i in range(d1):

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from equikern.ops.tensor_product import register_trilinear_autograd
 from equikern.triton import tensor_product as ttp
-from equikern.triton.tensor_product import GENERATORS, Path, Plan, _backward_paths, _Code, _forward_paths
+from equikern.triton.tensor_product import GENERATORS, Plan, _backward_paths, _Code, _forward_paths
 
 __all__ = ["tensor_product_conv", "tensor_product_conv_backward"]
 
@@ -68,9 +68,7 @@ def _forward_csr_source(plan: Plan, weighted_only: bool) -> str:
     with code.block(header):
         _csr_prologue(code)
         code("po = out + z * so")
-        groups: dict[tuple[int, int, int], list[Path]] = {}
-        for p in plan.active(weighted_only):
-            groups.setdefault((p.offo, p.m1, p.d3), []).append(p)
+        groups = plan.by_output(weighted_only)
         for (offo, mo, d3), group in groups.items():
             with code.block(f"if u0 < {mo}:"):
                 ks = sorted({k for p in group for _, _, k, _ in p.cg})
@@ -103,9 +101,7 @@ def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
         "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     )
     active = plan.active(weighted_only)
-    groups: dict[tuple[int, int, int], list[Path]] = {}
-    for p in active:
-        groups.setdefault((p.off1, p.m1, p.d1), []).append(p)
+    groups = plan.by_input(weighted_only)
     with code.block(header):
         _csr_prologue(code)
         code("p1 = x1 + z * r1")
