@@ -20,13 +20,13 @@ def test_every_kernel_kind_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["EQUIKERN_CACHE_DIR"] = str(tmp_path)
     # uvu: several paths per output block and mul2 > 1 (x2 = 2x0e + 1o + 2e); uvw: fully connected
-    # (the CP kernels for L = 1 with the first)
-    for irreps, kinds, cp in (
-        ("8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o", 6 + 2, "1"),
-        ("3x0e+2x1o;0e+1o;4x0e+3x1o;uvw", 2, ""),
+    # (the CP kernels for L = 1 and the spherical harmonics up to l = 2 with the first)
+    for irreps, kinds, others in (
+        ("8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o", 6 + 2 + 3, ["--cp", "1", "--sh", "2"]),
+        ("3x0e+2x1o;0e+1o;4x0e+3x1o;uvw", 2, ["--cp", "", "--sh", ""]),
     ):
         out = tmp_path / "aot.json"
-        cmd = [sys.executable, "-m", "equikern.triton.aot", "--irreps", irreps, "--cp", cp]
+        cmd = [sys.executable, "-m", "equikern.triton.aot", "--irreps", irreps, *others]
         cmd += ["--dtypes", "float32,float64,bfloat16", "--json", str(out)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]

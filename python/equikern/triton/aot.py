@@ -130,6 +130,32 @@ def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Co
     )
 
 
+SH_KINDS = {"sh_fwd": (0, True, False), "sh_bwd": (0, False, True), "sh_jet1": (1, True, True)}
+
+
+def compile_sh(lmax: int, dtype: torch.dtype, kind: str, arch: int = 90) -> Compiled:
+    """Compiles a spherical-harmonics kernel (equikern.triton.spherical_harmonics) for degrees 0..lmax
+    (normalised vectors, component normalisation): forward, backward, or the first derivative jet."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from equikern.triton import spherical_harmonics as tsh
+
+    fn, block, warps = tsh._kernel(tuple(range(lmax + 1)), True, "component", dtype, *SH_KINDS[kind])
+    sig = {
+        n: "constexpr" if n == "BLOCK" else ("i32" if n == "n_rows" else "*" + _TRITON_DTYPE[dtype])
+        for n in fn.arg_names
+    }
+    c = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block}),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps},
+    )
+    regs, spills = _ptxas(c.asm["ptx"], arch)
+    return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+
+
 def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str, mode: str = "uvu") -> tuple[str, int]:
     """(plan key, dim of irreps_in2) of a problem's product: channelwise (uvu) or fully connected (uvw)."""
     import equikern
@@ -154,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--irreps", help="a problem instead: 'irreps_in1;irreps_in2;irreps_out[;uvw]'")
     parser.add_argument("--cp", default="1,2,3", help="degrees L of the CP kernels to compile ('' for none)")
+    parser.add_argument("--sh", default="3,6", help="lmax of the spherical-harmonics kernels ('' for none)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
@@ -191,6 +218,16 @@ def main(argv=None) -> int:
                 rows.append({"problem": f"cp-L{L}", **r.__dict__})
                 print(
                     f"{'cp-L' + str(L):24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
+                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
+                    flush=True,
+                )
+    for lmax in [int(v) for v in args.sh.split(",") if v]:
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            for kind in SH_KINDS:
+                r = compile_sh(lmax, dtype, kind, args.arch)
+                rows.append({"problem": f"sh-l{lmax}", **r.__dict__})
+                print(
+                    f"{'sh-l' + str(lmax):24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
                     f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
                     flush=True,
                 )
