@@ -278,3 +278,31 @@ def test_tuner_runs_every_configuration(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["direction"], r["tile"], r["warps"]) for r in rows} == {("fwd", 512, 4), ("bwd", 128, 4)}
     assert ttp.CONFIG == {"fwd": [512, 4], "bwd": [128, 4]}  # restored
+
+
+def test_long_plans_split_into_several_kernels(monkeypatch):
+    """Plan.parts: with a small budget every kind runs as several kernels, with the same results."""
+    monkeypatch.setattr(ttp, "PART_BUDGET", 12)
+    ttp.kernel.cache_clear()
+    try:
+        out, uvu = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
+        uvw = [(i, j, k, "uvw", True) for i, j, k in ((0, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 1, 2))]
+        problems = (("2x0e+2x1o+1x2e", "0e+1o+2e", out, uvu), ("2x0e+2x1o", "0e+1o", "3x0e+2x1o+1x1e", uvw))
+        for irreps1, irreps2, irreps_out, instr in problems:
+            kw = dict(shared_weights=False, internal_weights=False)
+            tri = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, backend="triton", **kw)
+            nat = equikern.TensorProduct(irreps1, irreps2, irreps_out, instr, backend="native", **kw)
+            plan = ttp._PLANS[tri._triton_key]
+            assert len(plan.parts("fwd", False)) > 1 and len(plan.parts("bwd", False)) > 1
+            gen = torch.Generator().manual_seed(5)
+            x, y, w = (
+                torch.randn(3, d, dtype=torch.float64, generator=gen, requires_grad=True)
+                for d in (tri.irreps_in1.dim, tri.irreps_in2.dim, tri.weight_numel)
+            )
+            a, b = tri(x, y, w), nat(x, y, w)
+            assert rel_err(a, b) < 1e-12
+            g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
+            for u, v in zip(torch.autograd.grad(a, (x, y, w), g), torch.autograd.grad(b, (x, y, w), g)):
+                assert rel_err(u, v) < 1e-12
+    finally:
+        ttp.kernel.cache_clear()

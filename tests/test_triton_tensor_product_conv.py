@@ -259,3 +259,33 @@ def test_edge_vectors_option_takes_spherical_harmonics_itself(backend):
         conv(x, torch.randn(11, 9), w, src, dst)
     with pytest.raises(ValueError, match="must be spherical harmonics"):
         equikern.TensorProductConv("2x0e", "2x0e", "2x0e", [(0, 0, 0, "uvu", True)], edge_vectors=True)
+
+
+def test_atomic_mode_with_plans_split_into_several_kernels(monkeypatch):
+    from equikern.triton import tensor_product as ttp
+
+    monkeypatch.setattr(ttp, "PART_BUDGET", 12)
+    ttp.kernel.cache_clear()
+    try:
+        irreps_out, instr = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
+        kw = dict(shared_weights=False, internal_weights=False)
+        tri = equikern.TensorProductConv(
+            "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="triton", **kw
+        )
+        nat = equikern.TensorProductConv(
+            "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="native", **kw
+        )
+        assert len(ttp._PLANS[tri._triton_key].parts("bwd", False)) > 1
+        gen = torch.Generator().manual_seed(9)
+        src, dst = random_graph(random.Random(9), gen, 4, 9)
+        x, attr, w = (
+            torch.randn(r, d, generator=gen, requires_grad=True)
+            for r, d in ((4, tri.irreps_in1.dim), (9, 9), (9, tri.weight_numel))
+        )
+        a, b = tri(x, attr, w, src, dst), nat(x, attr, w, src, dst)
+        assert rel_err(a, b) < 1e-12
+        g = torch.randn(a.shape, generator=gen)
+        for u, v in zip(torch.autograd.grad(a, (x, attr, w), g), torch.autograd.grad(b, (x, attr, w), g)):
+            assert rel_err(u, v) < 1e-12
+    finally:
+        ttp.kernel.cache_clear()

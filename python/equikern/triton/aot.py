@@ -74,14 +74,17 @@ def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
     return regs, spills
 
 
-def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int = 90) -> Compiled:
-    """Compiles one kernel kind of a registered plan for sm_<arch> (per-sample weights)."""
+def compile_kind(
+    key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int = 90, part: int = 0
+) -> Compiled:
+    """Compiles one kernel kind (one part, see Plan.parts) of a registered plan for sm_<arch> (per-sample
+    weights)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = ttp.kernel(key, kind, False, dim2 if "bwd" in kind else 0, False)
+    fn = ttp.kernel(key, kind, False, dim2 if "bwd" in kind else 0, False, part)
     plan = ttp._PLANS[key]
     constexprs = {
         "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
@@ -91,7 +94,15 @@ def compile_kind(key: str, kind: str, dtype: torch.dtype, dim2: int, arch: int =
     src = ASTSource(fn=fn, signature=_signature(fn, kind, dtype), constexprs=constexprs)
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     regs, spills = _ptxas(c.asm["ptx"], arch)
-    return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+    name = kind if part == 0 else f"{kind}#{part}"
+    return Compiled(name, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+
+
+def num_parts(key: str, kind: str) -> int:
+    """How many kernels (parts) a kind of a registered plan is generated as."""
+    if kind.endswith("_csr"):
+        return 1
+    return len(ttp._PLANS[key].parts("bwd" if "bwd" in kind else "fwd", False))
 
 
 def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Compiled:
@@ -204,13 +215,14 @@ def main(argv=None) -> int:
             for kind in args.kinds.split(","):
                 if p["mode"] != "uvu" and kind.startswith("conv"):
                     continue  # the convolution's kernels are written for uvu plans
-                r = compile_kind(key, kind, dtype, dim2, args.arch)
-                rows.append({"problem": label, **r.__dict__})
-                print(
-                    f"{label:24} {kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
-                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
-                    flush=True,
-                )
+                for part in range(num_parts(key, kind)):
+                    r = compile_kind(key, kind, dtype, dim2, args.arch, part)
+                    rows.append({"problem": label, **r.__dict__})
+                    print(
+                        f"{label:24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
+                        f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
+                        flush=True,
+                    )
     for L in [int(v) for v in args.cp.split(",") if v]:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for direction in ("fwd", "bwd"):

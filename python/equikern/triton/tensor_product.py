@@ -84,6 +84,22 @@ class Plan:
             groups.setdefault((p.offo, p.mo, p.d3), []).append(p)
         return groups
 
+    def parts(self, direction: str, weighted_only: bool) -> list[list[tuple[int, int, int]]]:
+        """The block groups (by output block forward, by x1 block backward) split into runs of about
+        PART_BUDGET terms, one kernel each: compilation time grows faster than the kernel's length (a
+        plan with 1846 terms took 110 s for one forward kernel), so long plans become several kernels."""
+        groups = self.by_output(weighted_only) if direction == "fwd" else self.by_input(weighted_only)
+        runs: list[list[tuple[int, int, int]]] = [[]]
+        cost = 0
+        for key, group in groups.items():
+            c = sum((len(p.cg) + p.d1 + p.d3) * p.m2 for p in group)
+            if runs[-1] and cost + c > PART_BUDGET:
+                runs.append([])
+                cost = 0
+            runs[-1].append(key)
+            cost += c
+        return runs
+
     def by_input(self, weighted_only: bool) -> dict[tuple[int, int, int], list[Path]]:
         """The active paths grouped by x1 block (off1, m1, d1), in plan order."""
         groups: dict[tuple[int, int, int], list[Path]] = {}
@@ -93,6 +109,7 @@ class Plan:
 
 
 MAX_UVW_CHANNELS = 256  # the uvw backward holds a block's output channels in one tile
+PART_BUDGET = 400  # terms per generated kernel (see Plan.parts)
 
 
 def supports(paths: np.ndarray) -> bool:
@@ -234,7 +251,7 @@ def _forward_paths(code: _Code, group: list, offo: int, d3: int, started: set, x
                 started.add(k)
 
 
-def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False) -> str:
+def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False, part: int = 0) -> str:
     """out[z] = TP(x1[z], x2[z], w[z]); gathering (a convolution's edges, atomic mode):
     out[dst[z]] += TP(x1[src[z]], x2[z], w[z]) with atomic adds into a zeroed out."""
     code = _Code()
@@ -248,7 +265,8 @@ def _forward_source(plan: Plan, weighted_only: bool, gather: bool = False) -> st
         code("pw = w + z * sw")
         code("po = out + no * so")
         groups = plan.by_output(weighted_only)
-        for (offo, mo, d3), group in groups.items():
+        for offo, mo, d3 in plan.parts("fwd", weighted_only)[part]:
+            group = groups[offo, mo, d3]
             with code.block(f"if u0 < {mo}:"):
                 code(f"m = zm & (u < {mo})")
                 started: set[int] = set()
@@ -327,7 +345,7 @@ def _backward_rows(code: _Code, shared_w: bool, g2_row: str) -> None:
 
 
 def _backward_source(
-    plan: Plan, weighted_only: bool, dim2: int, gather: bool = False, shared_w: bool = False
+    plan: Plan, weighted_only: bool, dim2: int, gather: bool = False, shared_w: bool = False, part: int = 0
 ) -> str:
     """Gradients of out[z] = TP(x1[z], x2[z], w[z]) for one tile: g1 [Z, dim1] (gathering: atomic adds
     into g1[src[z]]), g2 partial sums per channel tile [num tiles, Z, dim2], gw [Z, nw] (shared_w: one
@@ -341,11 +359,12 @@ def _backward_source(
     )
     with code.block(header):
         _prologue(code, gather)
-        _backward_rows(code, shared_w, "(tl.program_id(1) * Z + z)")
+        _backward_rows(code, shared_w, f"(({part} * tl.num_programs(1) + tl.program_id(1)) * Z + z)")
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ], ACC)")
         groups = plan.by_input(weighted_only)
-        for (off1, m1, d1), group in groups.items():
+        for off1, m1, d1 in plan.parts("bwd", weighted_only)[part]:
+            group = groups[off1, m1, d1]
             with code.block(f"if u0 < {m1}:"):
                 code(f"m = zm & (u < {m1})")
                 for i in range(d1):
@@ -365,7 +384,7 @@ def _backward_source(
     return "\n".join(code.lines)
 
 
-def _uvw_forward_source(plan: Plan, weighted_only: bool) -> str:
+def _uvw_forward_source(plan: Plan, weighted_only: bool, part: int = 0) -> str:
     """out[z, w, k] = sum_(u, v) W[z, u, v, w] s[z, u, v, k], s = sum_ij C x1[u, i] x2[v, j]: a tile of
     samples x output channels w; a runtime loop over the input channels u of each path."""
     code = _Code()
@@ -381,7 +400,8 @@ def _uvw_forward_source(plan: Plan, weighted_only: bool) -> str:
         code("pw = w + z * sw")
         code("po = out + z * so")
         groups = plan.by_output(weighted_only)
-        for (offo, mo, d3), group in groups.items():
+        for offo, mo, d3 in plan.parts("fwd", weighted_only)[part]:
+            group = groups[offo, mo, d3]
             with code.block(f"if u0 < {mo}:"):
                 code(f"m = zm & (u < {mo})")
                 ks = sorted({k for p in group for _, _, k, _ in p.cg})
@@ -411,7 +431,9 @@ def _uvw_forward_source(plan: Plan, weighted_only: bool) -> str:
     return "\n".join(code.lines)
 
 
-def _uvw_backward_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: bool = False) -> str:
+def _uvw_backward_source(
+    plan: Plan, weighted_only: bool, dim2: int, shared_w: bool = False, part: int = 0
+) -> str:
     """Gradients of the uvw product for a tile of samples x all output channels: per input block, a runtime
     loop over its channels u contracts the output gradient over w (q[k] = sum_w W[u, v, w] g[w, k]) for
     x1's and x2's gradients, and writes W's gradient g[w, k] s[u, v, k] (shared_w: summed over the tile's
@@ -424,11 +446,12 @@ def _uvw_backward_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
     )
     with code.block(header):
         _prologue(code, False)
-        _backward_rows(code, shared_w, "z")
+        _backward_rows(code, shared_w, f"({part} * Z + z)")
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ, 1], ACC)")
         groups = plan.by_input(weighted_only)
-        for (off1, m1, d1), group in groups.items():
+        for off1, m1, d1 in plan.parts("bwd", weighted_only)[part]:
+            group = groups[off1, m1, d1]
             with code.block(f"for c in range(0, {m1}):"):
                 for i in range(d1):
                     code(f"a{i} = tl.load(p1 + ({off1} + c * {d1} + {i}), mask=zm, other=0.0).to(ACC)")
@@ -515,23 +538,31 @@ def load_kernel(source: str, kind: str):
     return module.kernel
 
 
-# kind -> source generator(plan, weighted_only, dim2, shared_w); the convolution module adds its own
+# kind -> source generator(plan, weighted_only, dim2, shared_w, part); the convolution module adds its own
+def _tp_fwd(plan, wo, dim2, shared_w, part):
+    return (_uvw_forward_source if plan.mode == UVW else _forward_source)(plan, wo, part=part)
+
+
+def _tp_bwd(plan, wo, dim2, shared_w, part):
+    return (_uvw_backward_source if plan.mode == UVW else _backward_source)(
+        plan, wo, dim2, shared_w=shared_w, part=part
+    )
+
+
 GENERATORS = {
-    "tp_fwd": lambda plan, wo, dim2, shared_w: (_uvw_forward_source if plan.mode == UVW else _forward_source)(
-        plan, wo
+    "tp_fwd": _tp_fwd,
+    "tp_bwd": _tp_bwd,
+    "conv_fwd_atomic": lambda plan, wo, dim2, shared_w, part: _forward_source(plan, wo, True, part),
+    "conv_bwd_atomic": lambda plan, wo, dim2, shared_w, part: _backward_source(
+        plan, wo, dim2, True, shared_w, part
     ),
-    "tp_bwd": lambda plan, wo, dim2, shared_w: (
-        _uvw_backward_source if plan.mode == UVW else _backward_source
-    )(plan, wo, dim2, shared_w=shared_w),
-    "conv_fwd_atomic": lambda plan, wo, dim2, shared_w: _forward_source(plan, wo, gather=True),
-    "conv_bwd_atomic": lambda plan, wo, dim2, shared_w: _backward_source(plan, wo, dim2, True, shared_w),
 }
 
 
-@functools.lru_cache(maxsize=256)
-def kernel(key: str, kind: str, weighted_only: bool, dim2: int = 0, shared_w: bool = False):
-    """The compiled kernel of one kind for a registered plan."""
-    return load_kernel(GENERATORS[kind](_PLANS[key], weighted_only, dim2, shared_w), kind)
+@functools.lru_cache(maxsize=512)
+def kernel(key: str, kind: str, weighted_only: bool, dim2: int = 0, shared_w: bool = False, part: int = 0):
+    """The compiled kernel of one kind (and part, see Plan.parts) for a registered plan."""
+    return load_kernel(GENERATORS[kind](_PLANS[key], weighted_only, dim2, shared_w, part), kind)
 
 
 # -- the ops ------------------------------------------------------------------------------------------
@@ -637,23 +668,15 @@ def _tp_op(
         return out.zero_()
     x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
     bz, (bu, nch) = _block_z(plan, x1.dtype), plan.tile("fwd")
-    fwd = kernel(key, "tp_fwd", weighted_only)
     grid = (-(-z // bz), nch)
     strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1, x2, weight)]
     with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
-        fwd[grid](
-            x1,
-            x2,
-            weight,
-            out,
-            z,
-            *strides,
-            out_dim,
-            ACC=_acc(x1.dtype),
-            BZ=bz,
-            BU=bu,
-            num_warps=warps("fwd"),
-        )
+        for part in range(len(plan.parts("fwd", weighted_only))):
+            fwd = kernel(key, "tp_fwd", weighted_only, part=part)
+            fwd[grid](
+                x1, x2, weight, out, z, *strides, out_dim,
+                ACC=_acc(x1.dtype), BZ=bz, BU=bu, num_warps=warps("fwd"),
+            )  # fmt: skip
     return out
 
 
@@ -686,21 +709,23 @@ def _tp_bwd_op(
     shared_w = weight.shape[0] == 1  # its gradient: one partial sum per tile of samples
     g1 = (torch.empty if full1 else torch.zeros)((z, d1), **opts)
     gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else z, dw), **opts)
-    g2 = torch.empty((nch, z, d2), **opts)
+    parts = len(plan.parts("bwd", weighted_only))
+    g2 = torch.empty((parts * nch, z, d2), **opts)
     if z > 0 and plan.active(weighted_only):
         grad_out, x1c, x2c, wc = (t.contiguous() for t in (grad_out, x1, x2, weight))
-        bwd = kernel(key, "tp_bwd", weighted_only, d2, shared_w)
         strides = [t.shape[1] if t.shape[0] != 1 else 0 for t in (x1c, x2c, wc)]
         with torch.cuda.device(x1.device) if x1.is_cuda else contextlib.nullcontext():
-            bwd[(tiles, nch)](
-                grad_out, x1c, x2c, wc, g1, g2, gw, z, *strides, out_dim, d1, d2, dw,
-                ACC=_acc(x1.dtype), BZ=bz, BU=bu, num_warps=warps("bwd"),
-            )  # fmt: skip
+            for part in range(parts):
+                bwd = kernel(key, "tp_bwd", weighted_only, d2, shared_w, part)
+                bwd[(tiles, nch)](
+                    grad_out, x1c, x2c, wc, g1, g2, gw, z, *strides, out_dim, d1, d2, dw,
+                    ACC=_acc(x1.dtype), BZ=bz, BU=bu, num_warps=warps("bwd"),
+                )  # fmt: skip
     else:
         g1.zero_(), gw.zero_(), g2.zero_()
-    # partial sums (channel tiles for g2, sample tiles for shared weights, the batch for broadcast
-    # operands) are reduced in a fixed order
-    g2 = g2[0] if nch == 1 else g2.sum(0)
+    # partial sums (kernel parts and channel tiles for g2, sample tiles for shared weights, the batch
+    # for broadcast operands) are reduced in a fixed order
+    g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)
 
     def reduce(g: Tensor, t: Tensor) -> Tensor:
         return g.sum(0, keepdim=True) if t.shape[0] == 1 and g.shape[0] != 1 else g

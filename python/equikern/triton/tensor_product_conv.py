@@ -160,8 +160,11 @@ def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
     return "\n".join(code.lines)
 
 
-GENERATORS["conv_fwd_csr"] = lambda plan, wo, dim2, shared_w: _forward_csr_source(plan, wo)
-GENERATORS["conv_bwd_csr"] = lambda plan, wo, dim2, shared_w: _backward_csr_source(plan, wo, dim2, shared_w)
+# one kernel per plan (the deterministic kernels are not split into parts, see Plan.parts)
+GENERATORS["conv_fwd_csr"] = lambda plan, wo, dim2, shared_w, part: _forward_csr_source(plan, wo)
+GENERATORS["conv_bwd_csr"] = lambda plan, wo, dim2, shared_w, part: _backward_csr_source(
+    plan, wo, dim2, shared_w
+)
 
 
 # -- the ops ------------------------------------------------------------------------------------------
@@ -252,25 +255,13 @@ def _conv_op(
             )  # fmt: skip
             return out
         out = torch.zeros((n, out_dim), dtype=_acc_dtype(x.dtype), device=x.device)
-        fwd = ttp.kernel(key, "conv_fwd_atomic", weighted_only)
         src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)  # in range: see conv_graph
-        fwd[(-(-e // bz), nch)](
-            x,
-            attr,
-            w,
-            out,
-            src,
-            dst,
-            e,
-            x.shape[1],
-            attr.shape[1],
-            sw,
-            out_dim,
-            ACC=acc,
-            BZ=bz,
-            BU=bu,
-            num_warps=ttp.warps("fwd"),
-        )
+        for part in range(len(plan.parts("fwd", weighted_only))):
+            fwd = ttp.kernel(key, "conv_fwd_atomic", weighted_only, part=part)
+            fwd[(-(-e // bz), nch)](
+                x, attr, w, out, src, dst, e, x.shape[1], attr.shape[1], sw, out_dim,
+                ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"),
+            )  # fmt: skip
     return out.to(x.dtype)
 
 
@@ -313,7 +304,8 @@ def _conv_bwd_op(
     sw = 0 if shared_w else dw
     _, full1, fullw = ttp._coverage(plan, weighted_only, d1, out_dim, dw)
     acc = ttp._acc(x.dtype)
-    g2 = torch.empty((nch, e, d2), **opts)
+    parts = 1 if deterministic else len(plan.parts("bwd", weighted_only))
+    g2 = torch.empty((parts * nch, e, d2), **opts)
     with _device(x):
         if deterministic:
             n1 = x.shape[0]
@@ -330,13 +322,14 @@ def _conv_bwd_op(
             g1 = torch.zeros((x.shape[0], d1), dtype=_acc_dtype(x.dtype), device=x.device)
             gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else e, dw), **opts)
             src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)
-            bwd = ttp.kernel(key, "conv_bwd_atomic", weighted_only, d2, shared_w)
-            bwd[(tiles, nch)](
-                g, x, attr, w, g1, g2, gw, src, dst, e,
-                d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
-            )  # fmt: skip
+            for part in range(parts):
+                bwd = ttp.kernel(key, "conv_bwd_atomic", weighted_only, d2, shared_w, part)
+                bwd[(tiles, nch)](
+                    g, x, attr, w, g1, g2, gw, src, dst, e,
+                    d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
+                )  # fmt: skip
             g1 = g1.to(x.dtype)
-    g2 = g2[0] if nch == 1 else g2.sum(0)
+    g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)
     if shared_w and gw.shape[0] != 1:
         gw = gw.sum(0, keepdim=True)
     return g1, g2, gw
