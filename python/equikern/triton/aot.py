@@ -195,6 +195,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
+
+    def report(label: str, r: Compiled) -> None:
+        rows.append({"problem": label, **r.__dict__})
+        print(
+            f"{label:24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:7d} "
+            f"{r.ptx_lines:9d}",
+            flush=True,
+        )
+
     problems = {p["label"]: p for p in anchors()["tensor_product"]}
     if args.irreps:
         in1, in2, out, *mode = args.irreps.split(";")
@@ -216,33 +225,15 @@ def main(argv=None) -> int:
                 if p["mode"] != "uvu" and kind.startswith("conv"):
                     continue  # the convolution's kernels are written for uvu plans
                 for part in range(num_parts(key, kind)):
-                    r = compile_kind(key, kind, dtype, dim2, args.arch, part)
-                    rows.append({"problem": label, **r.__dict__})
-                    print(
-                        f"{label:24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
-                        f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
-                        flush=True,
-                    )
+                    report(label, compile_kind(key, kind, dtype, dim2, args.arch, part))
     for L in [int(v) for v in args.cp.split(",") if v]:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for direction in ("fwd", "bwd"):
-                r = compile_cp(L, dtype, direction, args.arch)
-                rows.append({"problem": f"cp-L{L}", **r.__dict__})
-                print(
-                    f"{'cp-L' + str(L):24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
-                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
-                    flush=True,
-                )
+                report(f"cp-L{L}", compile_cp(L, dtype, direction, args.arch))
     for lmax in [int(v) for v in args.sh.split(",") if v]:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for kind in SH_KINDS:
-                r = compile_sh(lmax, dtype, kind, args.arch)
-                rows.append({"problem": f"sh-l{lmax}", **r.__dict__})
-                print(
-                    f"{'sh-l' + str(lmax):24} {r.kind:16} {r.dtype:5} {r.registers:5d} {r.spill_bytes:8d} "
-                    f"{r.shared_bytes:7d} {r.ptx_lines:9d}",
-                    flush=True,
-                )
+                report(f"sh-l{lmax}", compile_sh(lmax, dtype, kind, args.arch))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": f"sm_{args.arch}", "rows": rows}, f, indent=1)
