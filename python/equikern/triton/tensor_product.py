@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,6 +64,13 @@ class Plan:
     num_paths: int  # rows of the plan tensors (checked against the op's arguments)
     num_cg: int
     mode: int  # UVU or UVW: every path has it
+    # what the ops derive from the plan on every call (parts, coverage, checked dims), computed once
+    _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def memo(self, key: tuple, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def tile(self, direction: str) -> tuple[int, int]:
         """(BU, tiles): the channels of a tile (a power of two) and the tiles that cover the widest block.
@@ -85,6 +92,11 @@ class Plan:
         return groups
 
     def parts(self, direction: str, weighted_only: bool) -> list[list[tuple[int, int, int]]]:
+        return self.memo(
+            ("parts", direction, weighted_only, PART_BUDGET), lambda: self._parts(direction, weighted_only)
+        )
+
+    def _parts(self, direction: str, weighted_only: bool) -> list[list[tuple[int, int, int]]]:
         """The block groups (by output block forward, by x1 block backward) split into runs of about
         PART_BUDGET terms, one kernel each: compilation time grows faster than the kernel's length (a
         plan with 1846 terms took 110 s for one forward kernel), so long plans become several kernels."""
@@ -609,15 +621,34 @@ def _num_weights(plan: Plan, p: Path) -> int:
 
 
 def _check_dims(plan: Plan, x1: Tensor, x2: Tensor, w: Tensor, out_dim: int) -> None:
+    dims = (x1.shape[1], x2.shape[1], w.shape[1], out_dim)
+    if plan.memo(("dims",) + dims, lambda: _dims_fit(plan, *dims)):
+        return
     for p in plan.paths:
-        if p.off1 + p.m1 * p.d1 > x1.shape[1] or p.off2 + p.m2 * p.d2 > x2.shape[1]:
+        if p.off1 + p.m1 * p.d1 > dims[0] or p.off2 + p.m2 * p.d2 > dims[1]:
             raise ValueError("tensor_product_triton: x1 or x2 is narrower than the plan's blocks")
-        if p.offo + p.mo * p.d3 > out_dim or (p.woff >= 0 and p.woff + _num_weights(plan, p) > w.shape[1]):
-            raise ValueError("tensor_product_triton: out_dim or weight is narrower than the plan's blocks")
+    raise ValueError("tensor_product_triton: out_dim or weight is narrower than the plan's blocks")
+
+
+def _dims_fit(plan: Plan, dim1: int, dim2: int, num_weights: int, out_dim: int) -> bool:
+    return all(
+        p.off1 + p.m1 * p.d1 <= dim1
+        and p.off2 + p.m2 * p.d2 <= dim2
+        and p.offo + p.mo * p.d3 <= out_dim
+        and (p.woff < 0 or p.woff + _num_weights(plan, p) <= num_weights)
+        for p in plan.paths
+    )
 
 
 def _coverage(plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weights: int) -> tuple[bool, ...]:
     """Whether the kernels write every element of (out, g1, gw); where not, the buffer starts zeroed."""
+    key = ("coverage", weighted_only, dim1, out_dim, num_weights)
+    return plan.memo(key, lambda: _coverage_of(plan, weighted_only, dim1, out_dim, num_weights))
+
+
+def _coverage_of(
+    plan: Plan, weighted_only: bool, dim1: int, out_dim: int, num_weights: int
+) -> tuple[bool, ...]:
     out, g1, gw = np.zeros(out_dim, bool), np.zeros(dim1, bool), np.zeros(num_weights, bool)
     for p in plan.active(weighted_only):
         out[p.offo : p.offo + p.mo * p.d3] = True
