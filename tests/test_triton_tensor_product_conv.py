@@ -13,6 +13,7 @@ from e3nn import o3
 import equikern
 from equikern.nn.tensor_product import channelwise_instructions
 from equikern.triton import tensor_product_conv as tconv
+from test_tensor_product import random_problem
 from test_tensor_product_conv import graph_inputs, random_graph, rel_err, unfused
 
 pytest.importorskip("triton")
@@ -43,13 +44,28 @@ def uvu_pair(rng: random.Random, dtype, shared: bool, deterministic: bool, max_m
     return ref, ours
 
 
+def uvw_pair(rng: random.Random, dtype, shared: bool, deterministic: bool):
+    """Random uvw instructions (DiffDock's fully connected products; several paths per output block)."""
+    irreps1, irreps2, irreps_out, instr = random_problem(rng, "uvw", lmax=2, max_mul=3)
+    kw = dict(shared_weights=shared, internal_weights=False)
+    ref = o3.TensorProduct(irreps1, irreps2, irreps_out, instr, **kw).to(dtype)
+    ours = equikern.TensorProductConv(
+        irreps1, irreps2, irreps_out, instr, backend="triton", deterministic=deterministic, **kw
+    ).to(device=DEVICE, dtype=dtype)
+    return ref, ours
+
+
+PAIRS = {"uvu": uvu_pair, "uvw": uvw_pair}
+
+
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_matches_unfused_e3nn(deterministic, shared):
-    rng = random.Random(7 + 2 * deterministic + shared)
+def test_matches_unfused_e3nn(deterministic, shared, mode):
+    rng = random.Random(7 + 2 * deterministic + shared + 4 * (mode == "uvw"))
     gen = torch.Generator().manual_seed(5)
     for _ in range(2):
-        ref, ours = uvu_pair(rng, torch.float64, shared, deterministic)
+        ref, ours = PAIRS[mode](rng, torch.float64, shared, deterministic)
         n, e = rng.randint(3, 7), rng.randint(5, 20)
         x, attr, w = graph_inputs(ref, n, e, torch.float64, gen)
         src, dst = random_graph(rng, gen, n, e)
@@ -66,10 +82,27 @@ def test_matches_unfused_e3nn(deterministic, shared):
             assert rel_err(a.cpu(), b) < 1e-12
 
 
+def fully_connected(irreps1, irreps2, irreps_out):
+    """DiffDock's uvw instructions: every allowed (in1, in2, out) triple."""
+    irreps1, irreps2, irreps_out = (o3.Irreps(i) for i in (irreps1, irreps2, irreps_out))
+    instr = [
+        (i1, i2, k, "uvw", True)
+        for i1, (_, a) in enumerate(irreps1)
+        for i2, (_, b) in enumerate(irreps2)
+        for k, (_, c) in enumerate(irreps_out)
+        if c in a * b
+    ]
+    return irreps_out, instr
+
+
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_second_derivatives_match_native(deterministic):
+def test_second_derivatives_match_native(deterministic, mode):
     """Forces-style double backward, against the C++ convolution."""
-    irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o+2e", "0e+1o+2e")
+    if mode == "uvu":
+        irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o+2e", "0e+1o+2e")
+    else:
+        irreps_out, instr = fully_connected("2x0e+2x1o", "0e+1o+2e", "3x0e+2x1o+1x1e+2x2e")
     kw = dict(shared_weights=False, internal_weights=False)
     tri = equikern.TensorProductConv(
         "2x0e+2x1o", "0e+1o+2e", irreps_out, instr, backend="triton", deterministic=deterministic, **kw
@@ -92,8 +125,12 @@ def test_second_derivatives_match_native(deterministic):
         assert rel_err(got.detach(), want.detach()) < 1e-12
 
 
-def test_gradcheck_and_gradgradcheck():
-    irreps_out, instr = channelwise_instructions("1x0e+1x1o", "0e+1o", "0e+1o")
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
+def test_gradcheck_and_gradgradcheck(mode):
+    if mode == "uvu":
+        irreps_out, instr = channelwise_instructions("1x0e+1x1o", "0e+1o", "0e+1o")
+    else:
+        irreps_out, instr = fully_connected("1x0e+1x1o", "0e+1o", "2x0e+1x1o")
     conv = equikern.TensorProductConv(
         "1x0e+1x1o",
         "0e+1o",
@@ -119,8 +156,12 @@ def test_gradcheck_and_gradgradcheck():
         assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
 
 
-def test_opcheck():
-    irreps_out, instr = channelwise_instructions("2x0e+1x1o", "0e+1o", "0e+1o")
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
+def test_opcheck(mode):
+    if mode == "uvu":
+        irreps_out, instr = channelwise_instructions("2x0e+1x1o", "0e+1o", "0e+1o")
+    else:
+        irreps_out, instr = fully_connected("2x0e+1x1o", "0e+1o", "1x0e+2x1o")
     conv = equikern.TensorProductConv(
         "2x0e+1x1o",
         "0e+1o",
@@ -193,6 +234,13 @@ def test_bad_input_and_deterministic_mode_is_reproducible():
     conv.deterministic = True
     runs = [conv(x, a, w, *graph[:2]) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+    irreps_out, instr = fully_connected("2x0e+1x1o", "0e+1o", "1x0e+2x1o")
+    uvw = equikern.TensorProductConv(
+        "2x0e+1x1o", "0e+1o", irreps_out, instr, backend="triton", deterministic=True, shared_weights=False
+    )
+    w = torch.randn(4, uvw.weight_numel, dtype=torch.float32, requires_grad=True)
+    runs = [torch.autograd.grad(uvw(x, a, w, *graph[:2]).square().sum(), w)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
 
 
 # -- on the GPU, compiled kernels on the benchmark's lattice ------------------------------------------
@@ -200,19 +248,24 @@ def test_bad_input_and_deterministic_mode_is_reproducible():
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_lattice_matches_cpu(deterministic, dtype):
+def test_cuda_lattice_matches_cpu(deterministic, dtype, mode):
     from equikern.bench.conv import diamond_lattice
 
     src, dst, vec = diamond_lattice(3)
-    irreps_sh = o3.Irreps.spherical_harmonics(3)
-    irreps_out, instr = channelwise_instructions("32x0e+32x1o+32x2e", irreps_sh, "0e+1o+2e+3o")
+    if mode == "uvu":
+        irreps_in, irreps_sh = "32x0e+32x1o+32x2e", o3.Irreps.spherical_harmonics(3)
+        irreps_out, instr = channelwise_instructions(irreps_in, irreps_sh, "0e+1o+2e+3o")
+    else:  # DiffDock-shaped
+        irreps_in, irreps_sh = "16x0e+8x1o+8x1e", o3.Irreps.spherical_harmonics(2)
+        irreps_out, instr = fully_connected(irreps_in, irreps_sh, "16x0e+8x1o+8x1e")
     kw = dict(shared_weights=False, internal_weights=False)
     gpu = equikern.TensorProductConv(
-        "32x0e+32x1o+32x2e", irreps_sh, irreps_out, instr, deterministic=deterministic, **kw
+        irreps_in, irreps_sh, irreps_out, instr, deterministic=deterministic, **kw
     ).cuda()
-    cpu = equikern.TensorProductConv("32x0e+32x1o+32x2e", irreps_sh, irreps_out, instr, **kw)
+    cpu = equikern.TensorProductConv(irreps_in, irreps_sh, irreps_out, instr, **kw)
     gen = torch.Generator().manual_seed(8)
     n, e = int(src.max()) + 1, src.shape[0]
     x = torch.randn(n, gpu.irreps_in1.dim, generator=gen, dtype=dtype)
@@ -261,16 +314,27 @@ def test_edge_vectors_option_takes_spherical_harmonics_itself(backend):
         equikern.TensorProductConv("2x0e", "2x0e", "2x0e", [(0, 0, 0, "uvu", True)], edge_vectors=True)
 
 
-def test_atomic_mode_with_plans_split_into_several_kernels(monkeypatch):
+@pytest.mark.parametrize(("mode", "deterministic"), [("uvu", False), ("uvw", False), ("uvw", True)])
+def test_plans_split_into_several_kernels(monkeypatch, mode, deterministic):
+    """The edge-parallel kernels (atomic mode; uvw's per-edge gradients in deterministic mode) in parts."""
     from equikern.triton import tensor_product as ttp
 
     monkeypatch.setattr(ttp, "PART_BUDGET", 12)
     ttp.kernel.cache_clear()
     try:
-        irreps_out, instr = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
+        if mode == "uvu":
+            irreps_out, instr = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
+        else:
+            irreps_out, instr = fully_connected("2x0e+2x1o+1x2e", "0e+1o+2e", "2x0e+1x1o+2x2e")
         kw = dict(shared_weights=False, internal_weights=False)
         tri = equikern.TensorProductConv(
-            "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="triton", **kw
+            "2x0e+2x1o+1x2e",
+            "0e+1o+2e",
+            irreps_out,
+            instr,
+            backend="triton",
+            deterministic=deterministic,
+            **kw,
         )
         nat = equikern.TensorProductConv(
             "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="native", **kw

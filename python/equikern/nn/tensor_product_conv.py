@@ -30,10 +30,11 @@ class TensorProductConv(TensorProduct):
     (backward) with a stable sort, so each node's messages are summed in edge order by one thread: on the
     CPU both ``deterministic=True`` and the default are bitwise reproducible from run to run and for any
     number of threads. On a GPU (the Triton kernels of :mod:`equikern.triton.tensor_product_conv`, for
-    all-``uvu`` instruction lists) the default adds messages with atomics, and ``deterministic=True``
+    instruction lists that are all ``uvu`` (NequIP, MACE) or all ``uvw`` (DiffDock's fully connected
+    products)) the default adds messages with atomics, and ``deterministic=True``
     walks the groupings instead (no floating-point atomics: bitwise reproducible). Indices out of range
     raise an error naming the argument. ``backend`` is as for ``TensorProduct``; CUDA tensors with
-    instructions other than ``uvu`` are not supported yet (an error says so).
+    other instruction lists are not supported yet (an error says so).
 
     ``edge_vectors=True``: ``edge_attr`` are the edge vectors [E, 3] and the module takes their spherical
     harmonics itself (``equikern.spherical_harmonics`` of the degrees of ``irreps_in2``, normalised
@@ -52,10 +53,6 @@ class TensorProductConv(TensorProduct):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.deterministic = bool(deterministic)
-        if self._triton_key is not None and any(i.connection_mode != "uvu" for i in self.instructions):
-            if self.backend == "triton":  # the Triton convolution kernels are written for uvu paths
-                raise ValueError("TensorProductConv: backend='triton' needs every instruction 'uvu'")
-            self._triton_key = None
         self.edge_vectors = bool(edge_vectors)
         self.sh_normalization = sh_normalization
         if self.edge_vectors:
@@ -140,8 +137,9 @@ class TensorProductConv(TensorProduct):
         if x.is_cuda:
             modes = sorted({i.connection_mode for i in self.instructions})
             raise NotImplementedError(
-                "TensorProductConv: on CUDA the convolution runs on Triton kernels for all-'uvu' "
-                f"instruction lists (backend 'auto' or 'triton'); this one has modes {modes} and backend "
+                "TensorProductConv: on CUDA the convolution runs on Triton kernels for instruction lists "
+                "that are all 'uvu' or all 'uvw' (backend 'auto' or 'triton'); this one has modes "
+                f"{modes} and backend "
                 f"{self.backend!r}"
             )
         return tensor_product_conv(

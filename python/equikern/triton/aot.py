@@ -18,7 +18,20 @@ import torch
 from equikern.triton import tensor_product as ttp
 from equikern.triton import tensor_product_conv  # noqa: F401  (registers the convolution's kernel kinds)
 
-KINDS = ("tp_fwd", "tp_bwd", "conv_fwd_atomic", "conv_bwd_atomic", "conv_fwd_csr", "conv_bwd_csr")
+# the kinds generated for a plan of each mode (uvw's deterministic convolution backward is two kernels)
+MODE_KINDS = {
+    "uvu": ("tp_fwd", "tp_bwd", "conv_fwd_atomic", "conv_bwd_atomic", "conv_fwd_csr", "conv_bwd_csr"),
+    "uvw": (
+        "tp_fwd",
+        "tp_bwd",
+        "conv_fwd_atomic",
+        "conv_bwd_atomic",
+        "conv_fwd_csr",
+        "conv_bwd_edges",
+        "conv_bwd_x1_csr",
+    ),
+}
+KINDS = tuple(dict.fromkeys(MODE_KINDS["uvu"] + MODE_KINDS["uvw"]))
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _DATA = {"x1", "x2", "w", "g", "g2", "gw"}  # pointers to the inputs' dtype
 _INDEX = {"src", "dst", "perm", "ptr"}  # int64 pointers
@@ -100,7 +113,7 @@ def compile_kind(
 
 def num_parts(key: str, kind: str) -> int:
     """How many kernels (parts) a kind of a registered plan is generated as."""
-    if kind.endswith("_csr"):
+    if kind in ("conv_fwd_csr", "conv_bwd_csr"):
         return 1
     return len(ttp._PLANS[key].parts("bwd" if "bwd" in kind else "fwd", False))
 
@@ -222,8 +235,8 @@ def main(argv=None) -> int:
         key, dim2 = problem_key(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"], p["mode"])
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for kind in args.kinds.split(","):
-                if p["mode"] != "uvu" and kind.startswith("conv"):
-                    continue  # the convolution's kernels are written for uvu plans
+                if kind not in MODE_KINDS[p["mode"]]:
+                    continue
                 for part in range(num_parts(key, kind)):
                     report(label, compile_kind(key, kind, dtype, dim2, args.arch, part))
     for L in [int(v) for v in args.cp.split(",") if v]:

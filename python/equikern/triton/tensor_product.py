@@ -396,21 +396,38 @@ def _backward_source(
     return "\n".join(code.lines)
 
 
-def _uvw_forward_source(plan: Plan, weighted_only: bool, part: int = 0) -> str:
-    """out[z, w, k] = sum_(u, v) W[z, u, v, w] s[z, u, v, k], s = sum_ij C x1[u, i] x2[v, j]: a tile of
-    samples x output channels w; a runtime loop over the input channels u of each path."""
+def _uvw_forward_paths(code: _Code, group: list, offo: int, xmask: str = "zm") -> None:
+    """Adds into o{k} (zeroed by the caller) the uvw paths of one output block: a tile of samples x
+    output channels w, a runtime loop over the input channels c of each path (x1 rows at p1, x2 at p2,
+    weights at pw; lanes masked by m, x1 and x2 rows by xmask)."""
+    for q, p in enumerate(group):
+        for v in range(p.m2):
+            t = _table(code, p, v, f"{offo}_{q}_{v}", xmask)
+            with code.block(f"for c in range(0, {p.m1}):"):
+                for i in sorted({i for i, _ in t}):
+                    code(
+                        f"a{i} = tl.load(p1 + ({p.off1} + c * {p.d1} + {i}), mask={xmask}, other=0.0).to(ACC)"
+                    )
+                ptr = f"({p.woff} + (c * {p.m2} + {v}) * {p.mo} + u)"
+                code(f"wt = tl.load(pw + {ptr}, mask=m, other=0.0).to(ACC)")
+                for k in sorted({k for _, k in t}):
+                    s = _sum([f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k])
+                    code(f"o{k} = o{k} + wt * ({s})")
+
+
+def _uvw_forward_source(plan: Plan, weighted_only: bool, gather: bool = False, part: int = 0) -> str:
+    """out[z, w, k] = sum_(u, v) W[z, u, v, w] s[z, u, v, k], s = sum_ij C x1[u, i] x2[v, j]; gathering (a
+    convolution's edges, atomic mode): out[dst[z]] += ... with x1[src[z]], atomic adds into a zeroed out."""
     code = _Code()
     code("@triton.jit")
-    header = (
-        "def kernel(x1, x2, w, out, Z, s1, s2, sw, so, "
-        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
-    )
+    args = "x1, x2, w, out, src, dst" if gather else "x1, x2, w, out"
+    header = f"def kernel({args}, Z, s1, s2, sw, so, ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     with code.block(header):
-        _prologue(code, False)
-        code("p1 = x1 + z * s1")
+        _prologue(code, gather)
+        code("p1 = x1 + n1 * s1")
         code("p2 = x2 + z * s2")
         code("pw = w + z * sw")
-        code("po = out + z * so")
+        code("po = out + no * so")
         groups = plan.by_output(weighted_only)
         for offo, mo, d3 in plan.parts("fwd", weighted_only)[part]:
             group = groups[offo, mo, d3]
@@ -419,45 +436,53 @@ def _uvw_forward_source(plan: Plan, weighted_only: bool, part: int = 0) -> str:
                 ks = sorted({k for p in group for _, _, k, _ in p.cg})
                 for k in ks:
                     code(f"o{k} = tl.zeros([BZ, BU], ACC)")
-                for q, p in enumerate(group):
-                    for v in range(p.m2):
-                        t = _table(code, p, v, f"{offo}_{q}_{v}")
-                        with code.block(f"for c in range(0, {p.m1}):"):
-                            for i in sorted({i for i, _ in t}):
-                                code(
-                                    f"a{i} = tl.load(p1 + ({p.off1} + c * {p.d1} + {i}), mask=zm, "
-                                    "other=0.0).to(ACC)"
-                                )
-                            code(
-                                f"wt = tl.load(pw + ({p.woff} + (c * {p.m2} + {v}) * {mo} + u), mask=m, "
-                                "other=0.0).to(ACC)"
-                            )
-                            for k in sorted({k for _, k in t}):
-                                s = _sum([f"a{i} * {t[i, kk]}" for (i, kk) in t if kk == k])
-                                code(f"o{k} = o{k} + wt * ({s})")
-                for k in range(d3):
-                    value = f"o{k}" if k in ks else "tl.zeros([BZ, BU], ACC)"
-                    code(
-                        f"tl.store(po + ({offo} + u * {d3} + {k}), {value}.to(out.dtype.element_ty), mask=m)"
-                    )
+                _uvw_forward_paths(code, group, offo)
+                for k in ks if gather else range(d3):
+                    ptr = f"po + ({offo} + u * {d3} + {k})"
+                    if gather:
+                        code(f"tl.atomic_add({ptr}, o{k}.to(out.dtype.element_ty), mask=m, sem='relaxed')")
+                    else:
+                        value = f"o{k}" if k in ks else "tl.zeros([BZ, BU], ACC)"
+                        code(f"tl.store({ptr}, {value}.to(out.dtype.element_ty), mask=m)")
     return "\n".join(code.lines)
 
 
+def _uvw_x1_terms(code: _Code, p: Path, t: dict, v: int, ks: list) -> None:
+    """For one (path, v) in the runtime loop over x1's channels c: the weights wt = W[c, v, :] of the tile's
+    output channels and q{k} = sum_w wt[w] g[w, k] (the output gradient go{k} contracted over w), added
+    into x1's gradient ga{i} += sum_k t[i, k] q{k}."""
+    ptr = f"({p.woff} + (c * {p.m2} + {v}) * {p.mo} + u)"
+    code(f"wt = tl.load(pw + {ptr}, mask=m, other=0.0).to(ACC)")
+    for k in ks:
+        code(f"qk{k} = tl.sum(wt * go{k}, axis=1)[:, None]")
+    for i in sorted({i for i, _ in t}):
+        code(f"ga{i} = ga{i} + {_sum([f'{t[i, k]} * qk{k}' for (ii, k) in t if ii == i])}")
+
+
 def _uvw_backward_source(
-    plan: Plan, weighted_only: bool, dim2: int, shared_w: bool = False, part: int = 0
+    plan: Plan,
+    weighted_only: bool,
+    dim2: int,
+    shared_w: bool = False,
+    part: int = 0,
+    gather: bool = False,
+    g1: str = "store",
 ) -> str:
     """Gradients of the uvw product for a tile of samples x all output channels: per input block, a runtime
-    loop over its channels u contracts the output gradient over w (q[k] = sum_w W[u, v, w] g[w, k]) for
-    x1's and x2's gradients, and writes W's gradient g[w, k] s[u, v, k] (shared_w: summed over the tile's
-    samples, one row per tile)."""
+    loop over its channels c contracts the output gradient over w (q[k] = sum_w W[c, v, w] g[w, k]) for
+    x1's and x2's gradients, and writes W's gradient g[w, k] s[c, v, k] (shared_w: summed over the tile's
+    samples, one row per tile). Gathering (a convolution's edges): x1[src[z]], g[dst[z]]; x1's gradient is
+    then added atomically into g1[src[z]] (g1="atomic") or not computed here (g1="none": the
+    deterministic convolution sums it per source node in another kernel)."""
     code = _Code()
     code("@triton.jit")
+    args = "g, x1, x2, w, g1, g2, gw, src, dst" if gather else "g, x1, x2, w, g1, g2, gw"
     header = (
-        "def kernel(g, x1, x2, w, g1, g2, gw, Z, s1, s2, sw, so, r1, r2, rw, "
+        f"def kernel({args}, Z, s1, s2, sw, so, r1, r2, rw, "
         "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     )
     with code.block(header):
-        _prologue(code, False)
+        _prologue(code, gather)
         _backward_rows(code, shared_w, f"({part} * Z + z)")
         for j in range(dim2):
             code(f"e{j} = tl.zeros([BZ, 1], ACC)")
@@ -477,17 +502,11 @@ def _uvw_backward_source(
                         )
                     for v in range(p.m2):
                         t = _table(code, p, v, f"{q}_{v}")
-                        ptr = f"({p.woff} + (c * {p.m2} + {v}) * {p.mo} + u)"
-                        code(f"wt = tl.load(pw + {ptr}, mask=m, other=0.0).to(ACC)")
-                        for k in ks:
-                            code(f"qk{k} = tl.sum(wt * go{k}, axis=1)[:, None]")
-                        for i in sorted({i for i, _ in t}):
-                            code(
-                                f"ga{i} = ga{i} + {_sum([f'{t[i, k]} * qk{k}' for (ii, k) in t if ii == i])}"
-                            )
+                        _uvw_x1_terms(code, p, t, v, ks)
                         for k in ks:
                             code(f"sk{k} = {_sum([f'a{i} * {t[i, kk]}' for (i, kk) in t if kk == k])}")
                         code(f"gwt = {_sum([f'sk{k} * go{k}' for k in ks])}")
+                        ptr = f"({p.woff} + (c * {p.m2} + {v}) * {p.mo} + u)"
                         if shared_w:
                             code(
                                 f"tl.store(qw + {ptr}, tl.sum(gwt, axis=0)[None, :].to(gw.dtype.element_ty), "
@@ -502,7 +521,11 @@ def _uvw_backward_source(
                             jj = p.off2 + v * p.d2 + j
                             code(f"e{jj} = e{jj} + {_sum(terms)}")
                 for i in range(d1):
-                    code(f"tl.store(q1 + ({off1} + c * {d1} + {i}), ga{i}.to(g1.dtype.element_ty), mask=zm)")
+                    ptr = f"q1 + ({off1} + c * {d1} + {i})"
+                    if g1 == "atomic":
+                        code(f"tl.atomic_add({ptr}, ga{i}.to(g1.dtype.element_ty), mask=zm, sem='relaxed')")
+                    elif g1 == "store":
+                        code(f"tl.store({ptr}, ga{i}.to(g1.dtype.element_ty), mask=zm)")
         for j in range(dim2):
             code(f"tl.store(q2 + {j}, e{j}.to(g2.dtype.element_ty), mask=zm)")
     return "\n".join(code.lines)
@@ -561,12 +584,24 @@ def _tp_bwd(plan, wo, dim2, shared_w, part):
     )
 
 
+def _conv_fwd_atomic(plan, wo, dim2, shared_w, part):
+    return (_uvw_forward_source if plan.mode == UVW else _forward_source)(plan, wo, True, part)
+
+
+def _conv_bwd_atomic(plan, wo, dim2, shared_w, part):
+    if plan.mode == UVW:
+        return _uvw_backward_source(plan, wo, dim2, shared_w, part, gather=True, g1="atomic")
+    return _backward_source(plan, wo, dim2, True, shared_w, part)
+
+
 GENERATORS = {
     "tp_fwd": _tp_fwd,
     "tp_bwd": _tp_bwd,
-    "conv_fwd_atomic": lambda plan, wo, dim2, shared_w, part: _forward_source(plan, wo, True, part),
-    "conv_bwd_atomic": lambda plan, wo, dim2, shared_w, part: _backward_source(
-        plan, wo, dim2, True, shared_w, part
+    "conv_fwd_atomic": _conv_fwd_atomic,
+    "conv_bwd_atomic": _conv_bwd_atomic,
+    # uvw convolutions, deterministic mode: the per-edge gradients (x2, weights) without x1's
+    "conv_bwd_edges": lambda plan, wo, dim2, shared_w, part: _uvw_backward_source(
+        plan, wo, dim2, shared_w, part, gather=True, g1="none"
     ),
 }
 

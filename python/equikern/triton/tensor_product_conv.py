@@ -1,4 +1,4 @@
-"""Triton fused convolution for uvu plans: out[n] = sum_{e: dst[e] = n} TP(x[src[e]], attr[e], w[e]).
+"""Triton fused convolution for uvu and uvw plans: out[n] = sum_{e: dst[e] = n} TP(x[src[e]], attr[e], w[e]).
 
 The per-edge messages are never stored. Two modes, as ``equikern.TensorProductConv`` documents:
 
@@ -8,8 +8,10 @@ The per-edge messages are never stored. Two modes, as ``equikern.TensorProductCo
 - deterministic: a program owns a tile of destination nodes and walks their edges (the grouping by
   destination, ``conv_graph``) in order, summing every message of a node in registers before one store;
   the backward owns tiles of source nodes and walks the edges leaving them, so x's gradient is summed in
-  registers and every edge's gradients (attr, w) are written by exactly one program. No atomics anywhere:
-  bitwise reproducible from run to run.
+  registers and every edge's gradients (attr, w) are written by exactly one program. For uvw plans the
+  backward is two kernels instead: edge tiles write each edge's own gradients (attr, w; no sums across
+  edges), then source-node tiles sum x's gradient over the edges leaving each node, channel by channel.
+  No atomics anywhere: bitwise reproducible from run to run.
 
 Kernels are generated per plan like the tensor product's (same code generator, same key); the ops are
 ``equikern::tensor_product_conv_triton`` and its backward, differentiated twice by the formula shared with
@@ -25,7 +27,17 @@ from torch import Tensor
 
 from equikern.ops.tensor_product import register_trilinear_autograd
 from equikern.triton import tensor_product as ttp
-from equikern.triton.tensor_product import GENERATORS, Plan, _backward_paths, _Code, _forward_paths
+from equikern.triton.tensor_product import (
+    GENERATORS,
+    UVW,
+    Plan,
+    _backward_paths,
+    _Code,
+    _forward_paths,
+    _table,
+    _uvw_forward_paths,
+    _uvw_x1_terms,
+)
 
 __all__ = ["tensor_product_conv", "tensor_product_conv_backward"]
 
@@ -80,7 +92,10 @@ def _forward_csr_source(plan: Plan, weighted_only: bool) -> str:
                     code("p2 = x2 + ed * s2")
                     code("pw = w + ed * sw")
                     code(f"m = zme & (u < {mo})")
-                    _forward_paths(code, group, offo, d3, set(ks), xmask="zme")
+                    if plan.mode == UVW:
+                        _uvw_forward_paths(code, group, offo, xmask="zme")
+                    else:
+                        _forward_paths(code, group, offo, d3, set(ks), xmask="zme")
                 for k in range(d3):
                     value = f"o{k}" if k in ks else "tl.zeros([BZ, BU], ACC)"
                     code(
@@ -160,10 +175,55 @@ def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
     return "\n".join(code.lines)
 
 
-# one kernel per plan (the deterministic kernels are not split into parts, see Plan.parts)
+def _uvw_backward_x1_csr_source(plan: Plan, weighted_only: bool, part: int = 0) -> str:
+    """Deterministic backward of a uvw plan, x1's gradient: programs over source nodes (perm, ptr:
+    grouping by source) x all output channels. For each x1 channel c of each block, the edges leaving the
+    tile's nodes are walked in order and g1[n, c] = sum_e sum_(v, k) t[i, k] sum_w W[e, c, v, w] g[dst, w, k]
+    is summed in registers and stored once. (x1 itself is not needed; the per-edge gradients come from
+    the edge kernel "conv_bwd_edges".)"""
+    code = _Code()
+    code("@triton.jit")
+    header = (
+        "def kernel(g, x2, w, g1, dst, perm, ptr, Z, E, N2, DMAX, s2, sw, so, r1, "
+        "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
+    )
+    with code.block(header):
+        _csr_prologue(code)
+        code("q1 = g1 + z * r1")
+        groups = plan.by_input(weighted_only)
+        for off1, m1, d1 in plan.parts("bwd", weighted_only)[part]:  # parts write disjoint columns of g1
+            group = groups[off1, m1, d1]
+            with code.block(f"for c in range(0, {m1}):"):
+                for i in range(d1):
+                    code(f"ga{i} = tl.zeros([BZ, 1], ACC)")
+                with code.block("for t in range(0, DMAX):"):
+                    _csr_edge(code, "dst", "N2")
+                    code("p2 = x2 + ed * s2")
+                    code("pw = w + ed * sw")
+                    code("pg = g + nd * so")
+                    for q, p in enumerate(group):
+                        code(f"m = zme & (u < {p.mo})")
+                        ks = sorted({k for _, _, k, _ in p.cg})
+                        for k in ks:
+                            code(
+                                f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, "
+                                "other=0.0).to(ACC)"
+                            )
+                        for v in range(p.m2):
+                            t = _table(code, p, v, f"{q}_{v}", "zme")
+                            _uvw_x1_terms(code, p, t, v, ks)
+                for i in range(d1):
+                    code(f"tl.store(q1 + ({off1} + c * {d1} + {i}), ga{i}.to(g1.dtype.element_ty), mask=zm)")
+    return "\n".join(code.lines)
+
+
+# the node-parallel kernels of the uvu plans are one kernel per plan (not split into parts, see Plan.parts)
 GENERATORS["conv_fwd_csr"] = lambda plan, wo, dim2, shared_w, part: _forward_csr_source(plan, wo)
 GENERATORS["conv_bwd_csr"] = lambda plan, wo, dim2, shared_w, part: _backward_csr_source(
     plan, wo, dim2, shared_w
+)
+GENERATORS["conv_bwd_x1_csr"] = lambda plan, wo, dim2, shared_w, part: _uvw_backward_x1_csr_source(
+    plan, wo, part
 )
 
 
@@ -304,11 +364,12 @@ def _conv_bwd_op(
     sw = 0 if shared_w else dw
     _, full1, fullw = ttp._coverage(plan, weighted_only, d1, out_dim, dw)
     acc = ttp._acc(x.dtype)
-    parts = 1 if deterministic else len(plan.parts("bwd", weighted_only))
+    csr = deterministic and plan.mode != UVW  # one node-parallel kernel for everything
+    parts = 1 if csr else len(plan.parts("bwd", weighted_only))
     g2 = torch.empty((parts * nch, e, d2), **opts)
+    n1 = x.shape[0]
     with _device(x):
-        if deterministic:
-            n1 = x.shape[0]
+        if csr:
             tiles = -(-n1 // bz)
             g1 = (torch.empty if full1 else torch.zeros)((n1, d1), **opts)
             gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else e, dw), **opts)
@@ -318,17 +379,32 @@ def _conv_bwd_op(
                 d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
             )  # fmt: skip
         else:
+            # edge tiles: x2's and the weights' gradients (each edge's own), and x1's gradient added
+            # atomically into g1[src] or, deterministic (uvw plans), summed per source node afterwards
             tiles = -(-e // bz)
-            g1 = torch.zeros((x.shape[0], d1), dtype=_acc_dtype(x.dtype), device=x.device)
+            if deterministic:
+                g1 = (torch.empty if full1 else torch.zeros)((n1, d1), **opts)
+            else:
+                g1 = torch.zeros((n1, d1), dtype=_acc_dtype(x.dtype), device=x.device)
             gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else e, dw), **opts)
-            src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)
+            src, dst = edge_src.clamp(0, n1 - 1), edge_dst.clamp(0, n - 1)
+            kind = "conv_bwd_edges" if deterministic else "conv_bwd_atomic"
             for part in range(parts):
-                bwd = ttp.kernel(key, "conv_bwd_atomic", weighted_only, d2, shared_w, part)
+                bwd = ttp.kernel(key, kind, weighted_only, d2, shared_w, part)
                 bwd[(tiles, nch)](
                     g, x, attr, w, g1, g2, gw, src, dst, e,
                     d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
                 )  # fmt: skip
-            g1 = g1.to(x.dtype)
+            if deterministic:
+                dmax = _max_degree(src_ptr)
+                for part in range(parts):
+                    bwd = ttp.kernel(key, "conv_bwd_x1_csr", weighted_only, part=part)
+                    bwd[(-(-n1 // bz), nch)](
+                        g, attr, w, g1, edge_dst, src_perm, src_ptr, n1, e, n, dmax,
+                        d2, sw, out_dim, d1, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
+                    )  # fmt: skip
+            else:
+                g1 = g1.to(x.dtype)
     g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)
     if shared_w and gw.shape[0] != 1:
         gw = gw.sum(0, keepdim=True)
