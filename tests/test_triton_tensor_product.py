@@ -6,6 +6,7 @@ sizes stay tiny; the tests marked cuda repeat the checks on the GPU at realistic
 
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -306,3 +307,61 @@ def test_long_plans_split_into_several_kernels(monkeypatch):
                 assert rel_err(u, v) < 1e-12
     finally:
         ttp.kernel.cache_clear()
+
+
+class _FakeKernel:
+    """Stands in for a Triton JITFunction: warmup submits a compile job to the active AsyncCompileMode
+    (as Triton's does), launching records the order."""
+
+    def __init__(self, name: str, log: list, fail: bool = False):
+        self.name, self.log, self.fail = name, log, fail
+
+    def warmup(self, *args, grid, **kw):
+        import time
+
+        from triton.runtime import _async_compile
+
+        if self.fail:
+            raise RuntimeError("no driver")
+
+        def compile_job():
+            time.sleep(0.3)
+            return threading.get_ident()
+
+        mode = _async_compile.active_mode.get()
+        assert mode is not None, "warmup must run inside an AsyncCompileMode"
+        mode.submit(self.name, compile_job, lambda ident: self.log.append(("compiled", self.name, ident)))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append(("launched", self.name))
+
+
+def test_cold_kernel_parts_compile_in_parallel_then_launch_in_order(monkeypatch):
+    import time
+
+    monkeypatch.setattr(ttp, "_compiles_async", lambda fn: True)
+    monkeypatch.setattr(ttp, "_PARALLEL_FAILED", [])
+    monkeypatch.setattr(ttp.os, "cpu_count", lambda: 4)
+    log: list = []
+    kernels = [_FakeKernel(f"part{i}", log) for i in range(4)]
+    start = time.perf_counter()
+    ttp.launch([(k, (1,), (torch.ones(1),), {"BZ": 4}) for k in kernels])
+    assert time.perf_counter() - start < 4 * 0.3  # the compile jobs overlapped
+    compiled = [e for e in log if e[0] == "compiled"]
+    assert sorted(e[1] for e in compiled) == [k.name for k in kernels]
+    assert len({e[2] for e in compiled}) > 1  # on several threads
+    assert [e[1] for e in log if e[0] == "launched"] == [k.name for k in kernels]
+    log.clear()  # warm now: launched without compiling again
+    ttp.launch([(k, (1,), (torch.ones(1),), {"BZ": 4}) for k in kernels])
+    assert log == [("launched", k.name) for k in kernels]
+    broken = [_FakeKernel(f"broken{i}", log, fail=True) for i in range(2)]
+    with pytest.warns(RuntimeWarning, match="compiling kernel parts in parallel failed"):
+        ttp.launch([(k, (1,), (torch.ones(1),), {}) for k in broken])
+    assert log[-2:] == [("launched", "broken0"), ("launched", "broken1")]
+
+
+def test_interpreted_kernels_are_not_compiled_ahead():
+    irreps_out, instr = channelwise_instructions("2x0e+1x1o", "0e+1o", "0e+1o")
+    tp = equikern.TensorProduct("2x0e+1x1o", "0e+1o", irreps_out, instr, backend="triton")
+    fn = ttp.kernel(tp._triton_key, "tp_fwd", False)
+    assert ttp._compiles_async(fn) == (os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))

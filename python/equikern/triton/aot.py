@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cp", default="1,2,3", help="degrees L of the CP kernels to compile ('' for none)")
     parser.add_argument("--sh", default="3,6", help="lmax of the spherical-harmonics kernels ('' for none)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="kernels compiled at once")
     args = parser.parse_args(argv)
     rows = []
 
@@ -230,23 +232,30 @@ def main(argv=None) -> int:
         }
         args.problems = "custom"
     print(f"{'problem':24} {'kind':16} {'dtype':5} {'regs':>5} {'spill B':>8} {'smem B':>7} {'ptx lines':>9}")
+    jobs = []  # (label, compile function, its arguments)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     for label in args.problems.split(","):
         p = problems[label]
         key, dim2 = problem_key(p["irreps_in1"], p["irreps_in2"], p["irreps_out_target"], p["mode"])
-        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for dtype in dtypes:
             for kind in args.kinds.split(","):
                 if kind not in MODE_KINDS[p["mode"]]:
                     continue
                 for part in range(num_parts(key, kind)):
-                    report(label, compile_kind(key, kind, dtype, dim2, args.arch, part))
+                    ttp.kernel(key, kind, False, dim2 if "bwd" in kind else 0, False, part)  # generate here
+                    jobs.append((label, compile_kind, (key, kind, dtype, dim2, args.arch, part)))
     for L in [int(v) for v in args.cp.split(",") if v]:
-        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for dtype in dtypes:
             for direction in ("fwd", "bwd"):
-                report(f"cp-L{L}", compile_cp(L, dtype, direction, args.arch))
+                jobs.append((f"cp-L{L}", compile_cp, (L, dtype, direction, args.arch)))
     for lmax in [int(v) for v in args.sh.split(",") if v]:
-        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for dtype in dtypes:
             for kind in SH_KINDS:
-                report(f"sh-l{lmax}", compile_sh(lmax, dtype, kind, args.arch))
+                jobs.append((f"sh-l{lmax}", compile_sh, (lmax, dtype, kind, args.arch)))
+    # Triton's compiler releases the GIL: the kernels compile in parallel threads, reported in order
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for (label, _, _), result in zip(jobs, pool.map(lambda job: job[1](*job[2]), jobs)):
+            report(label, result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": f"sm_{args.arch}", "rows": rows}, f, indent=1)

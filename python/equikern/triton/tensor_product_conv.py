@@ -316,12 +316,11 @@ def _conv_op(
             return out
         out = torch.zeros((n, out_dim), dtype=_acc_dtype(x.dtype), device=x.device)
         src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)  # in range: see conv_graph
-        for part in range(len(plan.parts("fwd", weighted_only))):
-            fwd = ttp.kernel(key, "conv_fwd_atomic", weighted_only, part=part)
-            fwd[(-(-e // bz), nch)](
-                x, attr, w, out, src, dst, e, x.shape[1], attr.shape[1], sw, out_dim,
-                ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"),
-            )  # fmt: skip
+        args = (x, attr, w, out, src, dst, e, x.shape[1], attr.shape[1], sw, out_dim)
+        kw = dict(ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"))
+        parts = range(len(plan.parts("fwd", weighted_only)))
+        kernels = [ttp.kernel(key, "conv_fwd_atomic", weighted_only, part=part) for part in parts]
+        ttp.launch([(fwd, (-(-e // bz), nch), args, kw) for fwd in kernels])
     return out.to(x.dtype)
 
 
@@ -389,21 +388,26 @@ def _conv_bwd_op(
             gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else e, dw), **opts)
             src, dst = edge_src.clamp(0, n1 - 1), edge_dst.clamp(0, n - 1)
             kind = "conv_bwd_edges" if deterministic else "conv_bwd_atomic"
-            for part in range(parts):
-                bwd = ttp.kernel(key, kind, weighted_only, d2, shared_w, part)
-                bwd[(tiles, nch)](
-                    g, x, attr, w, g1, g2, gw, src, dst, e,
-                    d1, d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
-                )  # fmt: skip
+            kw = dict(ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"))
+            args = (g, x, attr, w, g1, g2, gw, src, dst, e, d1, d2, sw, out_dim, d1, d2, dw)
+            launches = [
+                (ttp.kernel(key, kind, weighted_only, d2, shared_w, part), (tiles, nch), args, kw)
+                for part in range(parts)
+            ]
             if deterministic:
-                dmax = _max_degree(src_ptr)
-                for part in range(parts):
-                    bwd = ttp.kernel(key, "conv_bwd_x1_csr", weighted_only, part=part)
-                    bwd[(-(-n1 // bz), nch)](
-                        g, attr, w, g1, edge_dst, src_perm, src_ptr, n1, e, n, dmax,
-                        d2, sw, out_dim, d1, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
-                    )  # fmt: skip
-            else:
+                args = (g, attr, w, g1, edge_dst, src_perm, src_ptr, n1, e, n, _max_degree(src_ptr))
+                args += (d2, sw, out_dim, d1)
+                launches += [
+                    (
+                        ttp.kernel(key, "conv_bwd_x1_csr", weighted_only, part=part),
+                        (-(-n1 // bz), nch),
+                        args,
+                        kw,
+                    )
+                    for part in range(parts)
+                ]
+            ttp.launch(launches)
+            if not deterministic:
                 g1 = g1.to(x.dtype)
     g2 = g2[0] if g2.shape[0] == 1 else g2.sum(0)
     if shared_w and gw.shape[0] != 1:
