@@ -196,6 +196,16 @@ def test_conv_impls_per_device_and_size():
         bench.parse_args(["--cells", "1"])
 
 
+def test_conv_has_diffdock_uvw_messages_without_peers():
+    """DiffDock's fully connected product as a convolution: equikern (both modes on CUDA) against e3nn
+    unfused, no published figures."""
+    (cpu,) = [c for c in conv.cases(Config(CPU, torch.float32, 8, "cpu", cells=2)) if "DiffDock" in c.label]
+    (gpu,) = [c for c in conv.cases(Config(CUDA, torch.float32, 8, "h100")) if "DiffDock" in c.label]
+    assert cpu.label == "conv-DiffDock-L=2" and set(cpu.impls) == {"equikern", "e3nn_unfused"}
+    assert set(gpu.impls) == {"equikern", "equikern_deterministic", "e3nn_unfused"}
+    assert gpu.params["cells"] == 9 and not gpu.published
+
+
 @pytest.mark.parametrize(
     "family, case",
     [(tensor_product, lambda cfg: tensor_product._case(_PROBLEMS["nequip-lips"], cfg))]

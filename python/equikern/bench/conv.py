@@ -4,7 +4,9 @@ The problem: out[dst] += TP(x[src], sh(edge_vec), w_edge) over the edges of a pe
 (conventional cubic cell a = 3.567 A, 8 atoms, n x n x n cells) with every pair of atoms within 3.0 A an edge
 in both directions (28 neighbours per atom: 163296 edges at the anchors' 9 x 9 x 9 cells). TP is the
 channelwise product of the mace-large and nequip-lips rows of anchors.json "tensor_product" (construction of
-bench/tensor_product.py), with per-edge weights; edge attributes are the real spherical harmonics of the
+bench/tensor_product.py), and the fully connected (uvw) product of its DiffDock-L=2 row (no published
+figures: equikern and e3nn only, the peers' adapters here being written for channelwise products), with
+per-edge weights; edge attributes are the real spherical harmonics of the
 edge vectors (e3nn's "component" normalisation). Inputs: node features, edge attributes and weights (all
 differentiated in fwdbwd and dblbwd), edge_src and edge_dst.
 
@@ -120,17 +122,23 @@ def oeq_conv_adapter(module, weight_perm: Tensor, deterministic: bool, num_nodes
     return Impl(lambda *xs: module(*xs), to_native)
 
 
+# Cases beyond the anchors' rows (no published figures): the messages of DiffDock's fully connected (uvw)
+# product, as its TensorProductConvLayer computes them, per-edge weights.
+EXTRA_ROWS = [{"label": "DiffDock-L=2", "atoms": 8 * _CELLS**3}]
+
+
 def cases(cfg: Config) -> list[Case]:
-    """One case per row of anchors.json "conv" (the messages of that row's tensor-product problem)."""
+    """One case per row of anchors.json "conv" (the messages of that row's tensor-product problem), and
+    per EXTRA_ROWS."""
     problems = {p["label"]: p for p in anchors()["tensor_product"]}
-    return [_case(row, problems[row["label"]], cfg) for row in anchors()["conv"]["rows"]]
+    return [_case(row, problems[row["label"]], cfg) for row in anchors()["conv"]["rows"] + EXTRA_ROWS]
 
 
 def _case(row: dict, problem: dict, cfg: Config, cue_method: str | None = None) -> Case:
     """The case of one anchors row; ``cue_method`` runs cuEquivariance with that method, on a CPU too."""
     args = tensor_product_arguments(problem)
-    if problem["mode"] != "uvu" or args["shared_weights"]:
-        raise ValueError(f"{row['label']}: the convolution benchmark takes channelwise per-edge products")
+    if problem["mode"] not in ("uvu", "uvw") or args["shared_weights"]:
+        raise ValueError(f"{row['label']}: the convolution benchmark takes uvu or uvw per-edge products")
     n1, n2, n_out, n_w = problem["dims_in1_in2_out_weights"]
     cells = _cells(cfg)
     atoms = 8 * cells**3
@@ -200,6 +208,9 @@ def _case(row: dict, problem: dict, cfg: Config, cue_method: str | None = None) 
         "oeq_atomic": lambda: oeq_impl(False),
         "oeq_deterministic": lambda: oeq_impl(True),
     }
+    if problem["mode"] != "uvu":  # the peers' adapters here are written for their channelwise convolutions
+        for name in ("cue_fused_indices", "oeq_atomic", "oeq_deterministic"):
+            del impls[name]
     if cfg.device.type == "cuda":
         impls["equikern_deterministic"] = lambda: equikern_impl(True)
 
