@@ -314,9 +314,11 @@ def test_edge_vectors_option_takes_spherical_harmonics_itself(backend):
         equikern.TensorProductConv("2x0e", "2x0e", "2x0e", [(0, 0, 0, "uvu", True)], edge_vectors=True)
 
 
-@pytest.mark.parametrize(("mode", "deterministic"), [("uvu", False), ("uvw", False), ("uvw", True)])
+@pytest.mark.parametrize(
+    ("mode", "deterministic"), [("uvu", False), ("uvu", True), ("uvw", False), ("uvw", True)]
+)
 def test_plans_split_into_several_kernels(monkeypatch, mode, deterministic):
-    """The edge-parallel kernels (atomic mode; uvw's per-edge gradients in deterministic mode) in parts."""
+    """Every kernel of the convolution (both modes) split into parts, with shared and per-edge weights."""
     from equikern.triton import tensor_product as ttp
 
     monkeypatch.setattr(ttp, "PART_BUDGET", 12)
@@ -326,30 +328,25 @@ def test_plans_split_into_several_kernels(monkeypatch, mode, deterministic):
             irreps_out, instr = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
         else:
             irreps_out, instr = fully_connected("2x0e+2x1o+1x2e", "0e+1o+2e", "2x0e+1x1o+2x2e")
-        kw = dict(shared_weights=False, internal_weights=False)
-        tri = equikern.TensorProductConv(
-            "2x0e+2x1o+1x2e",
-            "0e+1o+2e",
-            irreps_out,
-            instr,
-            backend="triton",
-            deterministic=deterministic,
-            **kw,
-        )
-        nat = equikern.TensorProductConv(
-            "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="native", **kw
-        )
-        assert len(ttp._PLANS[tri._triton_key].parts("bwd", False)) > 1
-        gen = torch.Generator().manual_seed(9)
-        src, dst = random_graph(random.Random(9), gen, 4, 9)
-        x, attr, w = (
-            torch.randn(r, d, generator=gen, requires_grad=True)
-            for r, d in ((4, tri.irreps_in1.dim), (9, 9), (9, tri.weight_numel))
-        )
-        a, b = tri(x, attr, w, src, dst), nat(x, attr, w, src, dst)
-        assert rel_err(a, b) < 1e-12
-        g = torch.randn(a.shape, generator=gen)
-        for u, v in zip(torch.autograd.grad(a, (x, attr, w), g), torch.autograd.grad(b, (x, attr, w), g)):
-            assert rel_err(u, v) < 1e-12
+        for shared in (False, True):
+            kw = dict(shared_weights=shared, internal_weights=False)
+            tri = equikern.TensorProductConv(
+                "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="triton", **kw
+            )
+            tri.deterministic = deterministic
+            nat = equikern.TensorProductConv(
+                "2x0e+2x1o+1x2e", "0e+1o+2e", irreps_out, instr, backend="native", **kw
+            )
+            assert len(ttp._PLANS[tri._triton_key].parts("bwd", False)) > 1
+            assert len(ttp._PLANS[tri._triton_key].parts("fwd", False)) > 1
+            gen = torch.Generator().manual_seed(9)
+            src, dst = random_graph(random.Random(9), gen, 4, 9)
+            x, attr = (torch.randn(r, d, generator=gen, requires_grad=True) for r, d in ((4, 13), (9, 9)))
+            w = torch.randn(*(() if shared else (9,)), tri.weight_numel, generator=gen, requires_grad=True)
+            a, b = tri(x, attr, w, src, dst), nat(x, attr, w, src, dst)
+            assert rel_err(a, b) < 1e-12
+            g = torch.randn(a.shape, generator=gen)
+            for u, v in zip(torch.autograd.grad(a, (x, attr, w), g), torch.autograd.grad(b, (x, attr, w), g)):
+                assert rel_err(u, v) < 1e-12
     finally:
         ttp.kernel.cache_clear()

@@ -114,8 +114,6 @@ def compile_kind(
 
 def num_parts(key: str, kind: str) -> int:
     """How many kernels (parts) a kind of a registered plan is generated as."""
-    if kind in ("conv_fwd_csr", "conv_bwd_csr"):
-        return 1
     return len(ttp._PLANS[key].parts("bwd" if "bwd" in kind else "fwd", False))
 
 

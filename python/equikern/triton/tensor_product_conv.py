@@ -69,8 +69,9 @@ def _csr_edge(code: _Code, other: str, bound: str) -> None:
     code("nd = nd[:, None]")
 
 
-def _forward_csr_source(plan: Plan, weighted_only: bool) -> str:
-    """Deterministic forward: programs over destination nodes (perm, ptr: grouping by destination)."""
+def _forward_csr_source(plan: Plan, weighted_only: bool, part: int = 0) -> str:
+    """Deterministic forward: programs over destination nodes (perm, ptr: grouping by destination). A part
+    (see Plan.parts) writes its output blocks' columns, walking the edges once per block."""
     code = _Code()
     code("@triton.jit")
     header = (
@@ -81,7 +82,8 @@ def _forward_csr_source(plan: Plan, weighted_only: bool) -> str:
         _csr_prologue(code)
         code("po = out + z * so")
         groups = plan.by_output(weighted_only)
-        for (offo, mo, d3), group in groups.items():
+        for offo, mo, d3 in plan.parts("fwd", weighted_only)[part]:
+            group = groups[offo, mo, d3]
             with code.block(f"if u0 < {mo}:"):
                 ks = sorted({k for p in group for _, _, k, _ in p.cg})
                 for k in ks:
@@ -105,18 +107,21 @@ def _forward_csr_source(plan: Plan, weighted_only: bool) -> str:
     return "\n".join(code.lines)
 
 
-def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: bool) -> str:
+def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: bool, part: int = 0) -> str:
     """Deterministic backward: programs over source nodes (perm, ptr: grouping by source). g1 [N1, dim1]
-    written once per node; g2 partial sums per channel tile [tiles, E, dim2]; gw [E, nw] per edge, or
-    (shared_w) one row per tile of source nodes."""
+    written once per node; g2 partial sums per part and channel tile [parts * tiles, E, dim2]; gw [E, nw]
+    per edge, or (shared_w) one row per tile of source nodes. A part (see Plan.parts) owns some x1 blocks:
+    their columns of g1 and their paths' weights."""
     code = _Code()
     code("@triton.jit")
     header = (
         "def kernel(g, x1, x2, w, g1, g2, gw, dst, perm, ptr, Z, E, N2, DMAX, s2, sw, so, r1, r2, rw, "
         "ACC: tl.constexpr, BZ: tl.constexpr, BU: tl.constexpr):"
     )
-    active = plan.active(weighted_only)
     groups = plan.by_input(weighted_only)
+    blocks = plan.parts("bwd", weighted_only)[part]
+    active = [p for b in blocks for p in groups[b]]
+    groups = {b: groups[b] for b in blocks}
     with code.block(header):
         _csr_prologue(code)
         code("p1 = x1 + z * r1")
@@ -155,7 +160,7 @@ def _backward_csr_source(plan: Plan, weighted_only: bool, dim2: int, shared_w: b
                     pre=f"{b}_",
                     xmask="zme",
                 )
-            code("q2 = g2 + (tl.program_id(1) * E + ed) * r2")
+            code(f"q2 = g2 + (({part} * tl.num_programs(1) + tl.program_id(1)) * E + ed) * r2")
             for j in range(dim2):
                 code(f"tl.store(q2 + {j}, e{j}[:, None].to(g2.dtype.element_ty), mask=zme)")
         for b, (off1, m1, d1) in enumerate(groups):
@@ -217,10 +222,9 @@ def _uvw_backward_x1_csr_source(plan: Plan, weighted_only: bool, part: int = 0) 
     return "\n".join(code.lines)
 
 
-# the node-parallel kernels of the uvu plans are one kernel per plan (not split into parts, see Plan.parts)
-GENERATORS["conv_fwd_csr"] = lambda plan, wo, dim2, shared_w, part: _forward_csr_source(plan, wo)
+GENERATORS["conv_fwd_csr"] = lambda plan, wo, dim2, shared_w, part: _forward_csr_source(plan, wo, part)
 GENERATORS["conv_bwd_csr"] = lambda plan, wo, dim2, shared_w, part: _backward_csr_source(
-    plan, wo, dim2, shared_w
+    plan, wo, dim2, shared_w, part
 )
 GENERATORS["conv_bwd_x1_csr"] = lambda plan, wo, dim2, shared_w, part: _uvw_backward_x1_csr_source(
     plan, wo, part
@@ -308,11 +312,12 @@ def _conv_op(
         if deterministic:
             full, _, _ = ttp._coverage(plan, weighted_only, x.shape[1], out_dim, w.shape[1])
             out = (torch.empty if full else torch.zeros)((n, out_dim), dtype=x.dtype, device=x.device)
-            fwd = ttp.kernel(key, "conv_fwd_csr", weighted_only)
-            fwd[(-(-n // bz), nch)](
-                x, attr, w, out, edge_src, dst_perm, dst_ptr, n, e, x.shape[0], _max_degree(dst_ptr),
-                x.shape[1], attr.shape[1], sw, out_dim, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"),
-            )  # fmt: skip
+            args = (x, attr, w, out, edge_src, dst_perm, dst_ptr, n, e, x.shape[0], _max_degree(dst_ptr))
+            args += (x.shape[1], attr.shape[1], sw, out_dim)
+            kw = dict(ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("fwd"))
+            parts = range(len(plan.parts("fwd", weighted_only)))
+            kernels = [ttp.kernel(key, "conv_fwd_csr", weighted_only, part=part) for part in parts]
+            ttp.launch([(fwd, (-(-n // bz), nch), args, kw) for fwd in kernels])
             return out
         out = torch.zeros((n, out_dim), dtype=_acc_dtype(x.dtype), device=x.device)
         src, dst = edge_src.clamp(0, x.shape[0] - 1), edge_dst.clamp(0, n - 1)  # in range: see conv_graph
@@ -363,8 +368,8 @@ def _conv_bwd_op(
     sw = 0 if shared_w else dw
     _, full1, fullw = ttp._coverage(plan, weighted_only, d1, out_dim, dw)
     acc = ttp._acc(x.dtype)
-    csr = deterministic and plan.mode != UVW  # one node-parallel kernel for everything
-    parts = 1 if csr else len(plan.parts("bwd", weighted_only))
+    csr = deterministic and plan.mode != UVW  # node-parallel kernels for everything
+    parts = len(plan.parts("bwd", weighted_only))
     g2 = torch.empty((parts * nch, e, d2), **opts)
     n1 = x.shape[0]
     with _device(x):
@@ -372,11 +377,11 @@ def _conv_bwd_op(
             tiles = -(-n1 // bz)
             g1 = (torch.empty if full1 else torch.zeros)((n1, d1), **opts)
             gw = (torch.empty if fullw else torch.zeros)((tiles if shared_w else e, dw), **opts)
-            bwd = ttp.kernel(key, "conv_bwd_csr", weighted_only, d2, shared_w)
-            bwd[(tiles, nch)](
-                g, x, attr, w, g1, g2, gw, edge_dst, src_perm, src_ptr, n1, e, n, _max_degree(src_ptr),
-                d2, sw, out_dim, d1, d2, dw, ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"),
-            )  # fmt: skip
+            args = (g, x, attr, w, g1, g2, gw, edge_dst, src_perm, src_ptr, n1, e, n, _max_degree(src_ptr))
+            args += (d2, sw, out_dim, d1, d2, dw)
+            kw = dict(ACC=acc, BZ=bz, BU=bu, num_warps=ttp.warps("bwd"))
+            kernels = [ttp.kernel(key, "conv_bwd_csr", weighted_only, d2, shared_w, p) for p in range(parts)]
+            ttp.launch([(bwd, (tiles, nch), args, kw) for bwd in kernels])
         else:
             # edge tiles: x2's and the weights' gradients (each edge's own), and x1's gradient added
             # atomically into g1[src] or, deterministic (uvw plans), summed per source node afterwards
