@@ -185,21 +185,30 @@ def test_opcheck(mode):
         torch.library.opcheck(tconv._conv_bwd_op, (g, x, a, w, *graph, *plan, det, False))
 
 
-def test_float16_inputs_accumulate_in_float32():
-    irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o", "0e+1o")
+@pytest.mark.parametrize("mode", ["uvu", "uvw"])
+def test_float16_inputs_accumulate_in_float32(mode):
+    if mode == "uvu":
+        irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o", "0e+1o")
+    else:
+        irreps_out, instr = fully_connected("2x0e+2x1o", "0e+1o", "2x0e+1x1o")
     kw = dict(shared_weights=False, internal_weights=False)
     gen = torch.Generator().manual_seed(4)
     src, dst = random_graph(random.Random(4), gen, 5, 12)
-    x, attr, w = (
-        torch.randn(r, d, generator=gen, dtype=torch.float32) for r, d in ((5, 8), (12, 4), (12, 8))
-    )
     for det in (False, True):
         conv = equikern.TensorProductConv(
             "2x0e+2x1o", "0e+1o", irreps_out, instr, backend="triton", deterministic=det, **kw
         )
+        x, attr, w = (
+            torch.randn(r, d, generator=gen, dtype=torch.float32, requires_grad=True)
+            for r, d in ((5, 8), (12, 4), (12, conv.weight_numel))
+        )
         want = conv(x, attr, w, src, dst)
-        got = conv(x.half(), attr.half(), w.half(), src, dst)
+        half = [t.detach().half().requires_grad_() for t in (x, attr, w)]
+        got = conv(*half, src, dst)
         assert got.dtype == torch.float16 and rel_err(got.double(), want) < 1e-2
+        g = torch.randn(want.shape, generator=gen)
+        for a, b in zip(torch.autograd.grad(got, half, g.half()), torch.autograd.grad(want, (x, attr, w), g)):
+            assert a.dtype == torch.float16 and rel_err(a.double(), b) < 1e-2
 
 
 def test_bad_input_and_deterministic_mode_is_reproducible():
