@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "cache_version.h"
 #include "kernels/tensor_product.h"
 
 namespace equikern {
@@ -164,13 +165,13 @@ struct PlanKey {
           const at::Tensor& cg_val, int64_t dim1, int64_t dim2, int64_t dim_out,
           int64_t num_weights, bool weighted_only)
       : k{paths.data_ptr(),
-          paths._version(),
+          cache_version(paths),
           blocks.data_ptr(),
-          blocks._version(),
+          cache_version(blocks),
           cg_ijk.data_ptr(),
-          cg_ijk._version(),
+          cache_version(cg_ijk),
           cg_val.data_ptr(),
-          cg_val._version(),
+          cache_version(cg_val),
           dim1,
           dim2,
           dim_out,

@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cpu(const at::Tensor& grad_, c
   // that no two threads ever add into the same row.
   const bool shared = Cb == 1 && C > 1;
   auto grad_b = shared ? at::empty({N, C, b.size(2)}, b.options()) : at::empty_like(b);
-  if (grad_a.numel() == 0) return {grad_a, shared ? grad_b.sum(1, true) : grad_b};
+  if (grad_a.numel() == 0) return {grad_a, at::zeros_like(b)};  // e.g. C = 0 beside a shared b
   const int64_t rows = N * C, blocks = (rows + kBlock - 1) / kBlock;
   const gaunt::Layout la(La, C, flat), lb(Lb, Cb, flat), lc(Lc, C, flat),
       lgb(Lb, shared ? C : Cb, flat && !shared);

@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cache_version.h"
 #include "gaunt_checks.h"
 #include "kernels/gaunt.h"
 
@@ -529,9 +530,8 @@ struct DensePlan {
 using DensePlanPtr = std::shared_ptr<const DensePlan>;
 
 std::vector<int64_t> tensor_key(const at::Tensor& t) {
-  std::vector<int64_t> key{reinterpret_cast<int64_t>(t.data_ptr()),
-                           static_cast<int64_t>(t._version()), t.device().index(),
-                           static_cast<int64_t>(t.scalar_type()), t.dim()};
+  std::vector<int64_t> key{reinterpret_cast<int64_t>(t.data_ptr()), cache_version(t),
+                           t.device().index(), static_cast<int64_t>(t.scalar_type()), t.dim()};
   for (int64_t d = 0; d < t.dim(); ++d) {
     key.push_back(t.size(d));
     key.push_back(t.stride(d));
@@ -682,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_cuda(const at::Tensor& grad_,
   // afterwards: no two threads ever write the same element.
   const bool shared = Cb == 1 && C > 1;
   auto grad_b = shared ? at::empty({N, C, b.size(2)}, b.options()) : at::empty_like(b);
-  if (grad_a.numel() == 0) return {grad_a, shared ? grad_b.sum(1, true) : grad_b};
+  if (grad_a.numel() == 0) return {grad_a, at::zeros_like(b)};  // e.g. C = 0 beside a shared b
   record(*plan);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), op, [&] {
     using T = scalar_t;

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cache_version.h"
 #include "kernels/orbit.h"
 
 namespace equikern {
@@ -172,7 +173,7 @@ using PlanPtr = std::shared_ptr<const DevicePlan>;
 std::vector<int64_t> plan_key(PlanKind kind, const at::Tensor& index, int64_t range) {
   std::vector<int64_t> key{kind,
                            reinterpret_cast<int64_t>(index.data_ptr()),
-                           static_cast<int64_t>(index._version()),
+                           cache_version(index),
                            index.device().index(),
                            range,
                            index.dim()};

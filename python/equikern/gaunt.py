@@ -105,7 +105,8 @@ def grid_plan(lmaxes: tuple[int, ...], lmax_out: int, degree: int, dtype: torch.
         def t(a):
             return torch.tensor(a, dtype=dtype, device=device)
 
-        plan = tuple(t(legendre[l]) for l in lmaxes) + (t(weights[:, None] * legendre[lmax_out]), t(trig))
+        with torch.inference_mode(False):  # cached for later calls, in inference mode or not
+            plan = tuple(t(legendre[l]) for l in lmaxes) + (t(weights[:, None] * legendre[lmax_out]), t(trig))
         _PLANS[key] = plan
     return plan
 
@@ -147,10 +148,11 @@ def dense_plan(l1: int, l2: int, lmax_out: int, dtype: torch.dtype, device) -> t
     plan = _PLANS.get(key)
     if plan is None:
         index, value = _dense_np(l1, l2, lmax_out)
-        plan = (
-            torch.tensor(index, dtype=torch.int64, device=device),
-            torch.tensor(value, dtype=dtype, device=device),
-        )
+        with torch.inference_mode(False):  # cached for later calls, in inference mode or not
+            plan = (
+                torch.tensor(index, dtype=torch.int64, device=device),
+                torch.tensor(value, dtype=dtype, device=device),
+            )
         _PLANS[key] = plan
     return plan
 
@@ -270,8 +272,9 @@ def gaunt_product(x1: Tensor, x2: Tensor, lmax_out: int | None = None, method: s
         raise ValueError(
             f"x1, x2: leading dims {tuple(x1.shape)} and {tuple(x2.shape)} do not broadcast"
         ) from e
-    a = x1.expand(batch + x1.shape[-2:]).reshape(-1, c1, x1.shape[-1])
-    b = x2.expand(batch + x2.shape[-2:]).reshape(-1, c2, x2.shape[-1])
+    rows = math.prod(batch)  # explicit: reshape(-1, ...) is ambiguous when C = 0
+    a = x1.expand(batch + x1.shape[-2:]).reshape(rows, c1, x1.shape[-1])
+    b = x2.expand(batch + x2.shape[-2:]).reshape(rows, c2, x2.shape[-1])
     out = product(a, b, l1, l2, lout, method)
     return out.reshape(batch + (c1, out.shape[-1]))
 
@@ -289,13 +292,16 @@ def product(a: Tensor, b: Tensor, l1: int, l2: int, lout: int, method: str, flat
     if method == "dense":
         index, value = dense_plan(l1, l2, lout, a.dtype, a.device)
         return _ops.gaunt_dense_product(a, b, index, value, lout, flat)
+    if a.numel() == 0 or b.numel() == 0:  # the FFTs refuse empty inputs; zero gradients flow back
+        return a.new_zeros(a.shape[0], a.shape[1], (lout + 1) ** 2) + 0 * (a.sum() + b.sum())
     if not flat:
         return _fourier_product(a, b, l1, l2, lout)
     n, c, cb = a.shape[0], a.shape[1], b.shape[1]
-    a = a.reshape(n, a[0].numel())[:, flat_index(c, l1, a.device)]
-    b = b.reshape(n, b[0].numel())[:, flat_index(cb, l2, b.device)]
+    a = a.reshape(n, math.prod(a.shape[1:]))[:, flat_index(c, l1, a.device)]
+    b = b.reshape(n, math.prod(b.shape[1:]))[:, flat_index(cb, l2, b.device)]
     out = _fourier_product(a, b, l1, l2, lout)
-    return out.reshape(n, out[0].numel())[:, channel_index(c, lout, out.device)].unflatten(1, (c, -1))
+    out = out.reshape(n, math.prod(out.shape[1:]))[:, channel_index(c, lout, out.device)]
+    return out.reshape(n, c, (lout + 1) ** 2)
 
 
 @functools.cache

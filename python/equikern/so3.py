@@ -140,7 +140,8 @@ def _sh_matrices(lmax: int, dtype: torch.dtype, device: torch.device) -> tuple[t
     key = (lmax, dtype, device)
     mats = _SH_MATRICES.get(key)
     if mats is None:
-        mats = tuple(torch.tensor(_sh_step_np(l)[0], dtype=dtype, device=device) for l in range(1, lmax))
+        with torch.inference_mode(False):  # cached for later calls, in inference mode or not
+            mats = tuple(torch.tensor(_sh_step_np(l)[0], dtype=dtype, device=device) for l in range(1, lmax))
         _SH_MATRICES[key] = mats
     return mats
 

@@ -211,9 +211,15 @@ class CPTensorProduct(torch.nn.Module):
         if torch.compiler.is_compiling():
             return tuple(b.view(torch.float64).to(dtype) for b in buffers)
         # The same tensors call after call: the op plans its per-sample matrices from them once.
-        key = (dtype, *((b.data_ptr(), b._version) for b in buffers))
+        # (inference tensors, of a module built under torch.inference_mode, count no versions)
+        key = (dtype, *((b.data_ptr(), -1 if b.is_inference() else b._version) for b in buffers))
         if getattr(self, "_cast", (None,))[0] != key:
-            self._cast = (key, tuple(b.view(torch.float64).to(dtype) for b in buffers))
+            with torch.inference_mode(
+                torch.is_inference_mode_enabled() and any(b.is_inference() for b in buffers)
+            ):
+                # normal tensors unless the buffers themselves are inference tensors: a cast made under
+                # inference mode is reused by later training steps
+                self._cast = (key, tuple(b.view(torch.float64).to(dtype) for b in buffers))
         return self._cast[1]
 
     def __repr__(self) -> str:
