@@ -14,9 +14,11 @@
 //
 // Backward without atomics: every sum over channels is a warp's (lanes over channels, then a
 // shuffle tree), owned by one warp; sums over samples are kept per block (grid-stride loops over a
-// grid that depends on the device and the sizes only) in shared memory in float64, written to a
-// [blocks, ...] buffer and reduced by at::sum; the per-sample gradient of v is written to a
-// [Z, ...] buffer and contracted by matmuls (float64). Results are reproducible bit for bit.
+// grid that depends on the device and the sizes only) in float64 in the block's row of a
+// [blocks, ...] buffer in global memory (each element updated by one thread; in shared memory they
+// capped the rank, e.g. R < 171 at I = K = 16), reduced by at::sum; the per-sample gradient of v
+// is written to a [Z, ...] buffer and contracted by matmuls (float64). Results are reproducible
+// bit for bit on a given GPU model (the grid follows the number of SMs).
 //
 // Status: compiled against a CUDA torch (make cuda-check), never run on a GPU.
 #include <ATen/ATen.h>
@@ -160,7 +162,9 @@ __global__ void matrix_backward_kernel(const Args<T> p) {
   T* M = sm.take<T>(KI);
   double* G = sm.take<double>(KI);
   const int64_t acc_n = shared ? KI : (p.factor_grads ? IR + KR : 0);
-  double* acc = sm.take<double>(acc_n);
+  // The block's row of part, in global memory (shared memory would cap the sizes): zeroed here,
+  // then element e is only ever updated by thread e % blockDim.x.
+  double* acc = p.part + blockIdx.x * acc_n;
   for (int64_t e = threadIdx.x; e < acc_n; e += blockDim.x) acc[e] = 0;
   if (shared) {
     project_second(p.B, p.x2, d.J, d.R, v);
@@ -230,7 +234,6 @@ __global__ void matrix_backward_kernel(const Args<T> p) {
     }
     __syncthreads();  // G, v and M are rewritten for the next sample
   }
-  for (int64_t e = threadIdx.x; e < acc_n; e += blockDim.x) p.part[blockIdx.x * acc_n + e] = acc[e];
 }
 
 // ---------------------------------------------------------------- factors route
@@ -279,7 +282,9 @@ __global__ void factors_backward_kernel(const Args<T> p, int64_t tiles) {
   T* u = sm.take<T>(d.R * nt);
   T* h = sm.take<T>(d.R * nt);  // becomes w h
   const int64_t acc_n = p.factor_grads ? IR + KR : 0;
-  double* acc = sm.take<double>(acc_n);
+  // The block's row of part, in global memory: zeroed here (visible to the block after the
+  // __syncthreads below), then element e is only ever updated by lane 0 of warp (R + e) % warps.
+  double* acc = p.part + blockIdx.x * acc_n;
   for (int64_t e = threadIdx.x; e < acc_n; e += blockDim.x) acc[e] = 0;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int warps = blockDim.x / kWarp;
@@ -339,7 +344,6 @@ __global__ void factors_backward_kernel(const Args<T> p, int64_t tiles) {
     }
     __syncthreads();  // v, u and h are rewritten for the next tile
   }
-  for (int64_t e = threadIdx.x; e < acc_n; e += blockDim.x) p.part[blockIdx.x * acc_n + e] = acc[e];
 }
 
 // ---------------------------------------------------------------- host side
@@ -352,16 +356,16 @@ at::Device device_of(const at::Tensor& x1, const char* op) {
 
 // Shared memory of each kernel: (T elements, double elements).
 size_t matrix_bytes(const Dims& d, size_t elem, bool backward, bool factor_grads) {
+  (void)factor_grads;  // its accumulators live in global memory (part)
   const int64_t KI = d.K * d.I;
   size_t n = size_t(d.R + KI) * elem + 16;
-  if (backward)
-    n += size_t(KI + (d.Z2 == 1 ? KI : (factor_grads ? (d.I + d.K) * d.R : 0))) * 8 + 16;
+  if (backward) n += size_t(KI) * 8 + 16;  // G (the accumulators live in global memory)
   return n;
 }
 
 size_t factors_bytes(const Dims& d, int threads, size_t elem, bool backward, bool factor_grads) {
+  (void)factor_grads;  // its accumulators live in global memory (part)
   size_t n = size_t(d.R) * (1 + threads * (backward ? 2 : 1)) * elem + 24;
-  if (backward && factor_grads) n += size_t((d.I + d.K) * d.R) * 8 + 8;
   return n;
 }
 
