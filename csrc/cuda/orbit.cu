@@ -163,6 +163,8 @@ enum PlanKind : int64_t { kPool = 0, kOrbital = 1, kOrbitalAdjoint = 2 };
 // its memory cannot be reused by another tensor under the same key.
 struct DevicePlan {
   at::Tensor ptr, members, segments, splits;
+  at::Tensor
+      ids;  // kPool: the validated ids on the device (kernels never read the caller's tensor)
   int64_t M = 0, num_segments = 0, num_splits = 0, slots = 0;
   at::Tensor keep;
 };
@@ -185,7 +187,7 @@ std::vector<int64_t> plan_key(PlanKind kind, const at::Tensor& index, int64_t ra
 }
 
 PlanPtr upload(std::vector<int64_t> ptr, std::vector<int64_t> members, int64_t M,
-               const at::Tensor& index) {
+               const at::Tensor& index, const at::Tensor& validated_ids = {}) {
   std::vector<Segment> segments;
   std::vector<Split> splits;
   const int64_t slots = orbit::plan_segments(ptr.data(), M, kChunk, segments, splits);
@@ -207,6 +209,7 @@ PlanPtr upload(std::vector<int64_t> ptr, std::vector<int64_t> members, int64_t M
   plan->num_splits = static_cast<int64_t>(splits.size());
   plan->slots = slots;
   plan->keep = index;
+  if (validated_ids.defined()) plan->ids = validated_ids.to(device);
   return plan;
 }
 
@@ -223,7 +226,7 @@ PlanPtr build_plan(PlanKind kind, const at::Tensor& index, int64_t range, const 
   if (kind == kPool) {
     std::vector<int64_t> ptr(range + 1), members(N);
     orbit::build_csr(v, N, range, ptr.data(), members.data());
-    return upload(std::move(ptr), std::move(members), range, index);
+    return upload(std::move(ptr), std::move(members), range, index, host);
   }
   const int64_t n = index.size(0), R = range;
   const int64_t M = kind == kOrbital ? n * R : n;
@@ -394,8 +397,10 @@ at::Tensor orbit_broadcast_cuda(const at::Tensor& s_, const at::Tensor& ids) {
   // Validates ids against M (the same plan serves the pooling of the backward).
   const PlanPtr plan = cached_plan(kPool, ids, M, "orbit_broadcast", "ids");
   if (out.numel() == 0) return out;
-  auto idx = ids.contiguous();
+  // the ids validated with the plan, not the caller's tensor (written since, e.g. through .data)
+  const at::Tensor& idx = plan->ids;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  idx.record_stream(stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, s.scalar_type(), "orbit_broadcast", [&] {
         using T = scalar_t;
