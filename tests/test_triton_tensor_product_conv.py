@@ -95,14 +95,18 @@ def fully_connected(irreps1, irreps2, irreps_out):
     return irreps_out, instr
 
 
+def instructions(mode: str, irreps1, irreps2, out_uvu, out_uvw):
+    """(irreps_out, instructions): channelwise into out_uvu's degrees, or fully connected into out_uvw."""
+    if mode == "uvu":
+        return channelwise_instructions(irreps1, irreps2, out_uvu)
+    return fully_connected(irreps1, irreps2, out_uvw)
+
+
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_second_derivatives_match_native(deterministic, mode):
     """Forces-style double backward, against the C++ convolution."""
-    if mode == "uvu":
-        irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o+2e", "0e+1o+2e")
-    else:
-        irreps_out, instr = fully_connected("2x0e+2x1o", "0e+1o+2e", "3x0e+2x1o+1x1e+2x2e")
+    irreps_out, instr = instructions(mode, "2x0e+2x1o", "0e+1o+2e", "0e+1o+2e", "3x0e+2x1o+1x1e+2x2e")
     kw = dict(shared_weights=False, internal_weights=False)
     tri = equikern.TensorProductConv(
         "2x0e+2x1o", "0e+1o+2e", irreps_out, instr, backend="triton", deterministic=deterministic, **kw
@@ -127,10 +131,7 @@ def test_second_derivatives_match_native(deterministic, mode):
 
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 def test_gradcheck_and_gradgradcheck(mode):
-    if mode == "uvu":
-        irreps_out, instr = channelwise_instructions("1x0e+1x1o", "0e+1o", "0e+1o")
-    else:
-        irreps_out, instr = fully_connected("1x0e+1x1o", "0e+1o", "2x0e+1x1o")
+    irreps_out, instr = instructions(mode, "1x0e+1x1o", "0e+1o", "0e+1o", "2x0e+1x1o")
     conv = equikern.TensorProductConv(
         "1x0e+1x1o",
         "0e+1o",
@@ -158,10 +159,7 @@ def test_gradcheck_and_gradgradcheck(mode):
 
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 def test_opcheck(mode):
-    if mode == "uvu":
-        irreps_out, instr = channelwise_instructions("2x0e+1x1o", "0e+1o", "0e+1o")
-    else:
-        irreps_out, instr = fully_connected("2x0e+1x1o", "0e+1o", "1x0e+2x1o")
+    irreps_out, instr = instructions(mode, "2x0e+1x1o", "0e+1o", "0e+1o", "1x0e+2x1o")
     conv = equikern.TensorProductConv(
         "2x0e+1x1o",
         "0e+1o",
@@ -187,10 +185,7 @@ def test_opcheck(mode):
 
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 def test_float16_inputs_accumulate_in_float32(mode):
-    if mode == "uvu":
-        irreps_out, instr = channelwise_instructions("2x0e+2x1o", "0e+1o", "0e+1o")
-    else:
-        irreps_out, instr = fully_connected("2x0e+2x1o", "0e+1o", "2x0e+1x1o")
+    irreps_out, instr = instructions(mode, "2x0e+2x1o", "0e+1o", "0e+1o", "2x0e+1x1o")
     kw = dict(shared_weights=False, internal_weights=False)
     gen = torch.Generator().manual_seed(4)
     src, dst = random_graph(random.Random(4), gen, 5, 12)
@@ -333,10 +328,7 @@ def test_plans_split_into_several_kernels(monkeypatch, mode, deterministic):
     monkeypatch.setattr(ttp, "PART_BUDGET", 12)
     ttp.kernel.cache_clear()
     try:
-        if mode == "uvu":
-            irreps_out, instr = channelwise_instructions("2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e")
-        else:
-            irreps_out, instr = fully_connected("2x0e+2x1o+1x2e", "0e+1o+2e", "2x0e+1x1o+2x2e")
+        irreps_out, instr = instructions(mode, "2x0e+2x1o+1x2e", "0e+1o+2e", "0e+1o+2e", "2x0e+1x1o+2x2e")
         for shared in (False, True):
             kw = dict(shared_weights=shared, internal_weights=False)
             tri = equikern.TensorProductConv(

@@ -228,6 +228,15 @@ def _table(code: _Code, p: Path, v: int, tag: str, xmask: str = "zm") -> dict[tu
     return names
 
 
+def _load_output_grad(code: _Code, p: Path) -> list[int]:
+    """Loads go{k}, the output gradient of path p's output block at row pointer pg (lanes masked by m);
+    returns the k that its coefficients touch."""
+    ks = sorted({k for _, _, k, _ in p.cg})
+    for k in ks:
+        code(f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)")
+    return ks
+
+
 def _prologue(code: _Code, gather: bool) -> None:
     """Rows of one tile of samples: z (the samples; for a convolution, its edges) and, gathering,
     the edges' source and destination nodes."""
@@ -310,8 +319,7 @@ def _backward_paths(
     gradients at qw (shared_w: summed over the tile's samples; loop_w: added into gs{woff}_{v})."""
     a, ga, wa = f"a{pre}", f"ga{pre}", f"wa{pre}"
     for q, p in enumerate(group):
-        for k in sorted({k for _, _, k, _ in p.cg}):
-            code(f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)")
+        _load_output_grad(code, p)
         for v in range(p.m2):
             t = _table(code, p, v, f"{pre}{q}_{v}", xmask)
             weighted = p.woff >= 0
@@ -497,11 +505,7 @@ def _uvw_backward_source(
                     code(f"ga{i} = tl.zeros([BZ, 1], ACC)")
                 for q, p in enumerate(group):
                     code(f"m = zm & (u < {p.mo})")
-                    ks = sorted({k for _, _, k, _ in p.cg})
-                    for k in ks:
-                        code(
-                            f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, other=0.0).to(ACC)"
-                        )
+                    ks = _load_output_grad(code, p)
                     for v in range(p.m2):
                         t = _table(code, p, v, f"{q}_{v}")
                         _uvw_x1_terms(code, p, t, v, ks)

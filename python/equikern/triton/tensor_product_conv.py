@@ -34,6 +34,7 @@ from equikern.triton.tensor_product import (
     _backward_paths,
     _Code,
     _forward_paths,
+    _load_output_grad,
     _table,
     _uvw_forward_paths,
     _uvw_x1_terms,
@@ -208,12 +209,7 @@ def _uvw_backward_x1_csr_source(plan: Plan, weighted_only: bool, part: int = 0) 
                     code("pg = g + nd * so")
                     for q, p in enumerate(group):
                         code(f"m = zme & (u < {p.mo})")
-                        ks = sorted({k for _, _, k, _ in p.cg})
-                        for k in ks:
-                            code(
-                                f"go{k} = tl.load(pg + ({p.offo} + u * {p.d3} + {k}), mask=m, "
-                                "other=0.0).to(ACC)"
-                            )
+                        ks = _load_output_grad(code, p)
                         for v in range(p.m2):
                             t = _table(code, p, v, f"{q}_{v}", "zme")
                             _uvw_x1_terms(code, p, t, v, ks)
