@@ -21,10 +21,11 @@ def test_every_kernel_kind_compiles_for_sm90(tmp_path):
     env["EQUIKERN_CACHE_DIR"] = str(tmp_path)
     # uvu: several paths per output block and mul2 > 1 (x2 = 2x0e + 1o + 2e); uvw: fully connected,
     # with its convolution
-    # (the CP kernels for L = 1 and the spherical harmonics up to l = 2 with the first)
+    # (the CP kernels for L = 1, the spherical harmonics up to l = 2 and the unfused convolution's sum with
+    # the first)
     for irreps, kinds, others in (
-        ("8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o", 6 + 2 + 3, ["--cp", "1", "--sh", "2"]),
-        ("3x0e+2x1o;0e+1o;4x0e+3x1o;uvw", 7, ["--cp", "", "--sh", ""]),
+        ("8x0e+8x1o+4x2e;2x0e+1o+2e;0e+1o+2e+3o", 6 + 2 + 3 + 1, ["--cp", "1", "--sh", "2"]),
+        ("3x0e+2x1o;0e+1o;4x0e+3x1o;uvw", 7, ["--cp", "", "--sh", "", "--no-segment-sum"]),
     ):
         out = tmp_path / "aot.json"
         cmd = [sys.executable, "-m", "equikern.triton.aot", "--irreps", irreps, *others]

@@ -4,6 +4,7 @@ Without a GPU the kernels run under Triton's interpreter (tests/conftest.py), at
 cuda repeat the checks on the GPU at realistic sizes.
 """
 
+import copy
 import random
 
 import pytest
@@ -351,3 +352,56 @@ def test_plans_split_into_several_kernels(monkeypatch, mode, deterministic):
                 assert rel_err(u, v) < 1e-12
     finally:
         ttp.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_segment_sum_kernel(dtype):
+    """The kernel of equikern::conv_segment_sum on CUDA: each node's rows summed in edge order (nodes
+    without edges, no edges at all, columns over one tile); equal to a float64 sum to the dtype's rounding,
+    and bitwise equal to the CPU op's sequential sum where that sums in the same precision."""
+    from equikern.ops.tensor_product_conv import conv_csr, conv_segment_sum
+
+    gen = torch.Generator().manual_seed(22)
+    for n, e, d in ((5, 40, 7), (3, 0, 4), (20, 90, 130), (1, 3, 1)):
+        index = torch.randint(0, max(1, n - 1), (e,), generator=gen)
+        rows = torch.randn(e, d, generator=gen).to(dtype)
+        perm, ptr = conv_csr(index, n, "index")
+        got = tconv.segment_sum(rows.to(DEVICE), perm.to(DEVICE), ptr.to(DEVICE)).cpu()
+        want = torch.zeros(n, d, dtype=torch.float64).index_add_(0, index, rows.double())
+        assert got.dtype == dtype and got.shape == (n, d)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}.get(dtype, 1e-14)
+        assert (got.double() - want).abs().max() <= tol * want.abs().max().clamp_min(1)
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(got, conv_segment_sum(rows, index, perm, ptr))
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["uvv", "uuu", "uvuv", "uuw"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_unfused_route_for_other_modes(mode, deterministic):
+    """Plans without a fused kernel run on CUDA through per-edge messages, with a warning; equal to the CPU op
+    with derivatives to second order, bitwise reproducible in both modes."""
+    from test_tensor_product_conv import mode_pair
+
+    rng = random.Random(23)
+    gen = torch.Generator().manual_seed(23)
+    ref, cpu = mode_pair(rng, mode, torch.float64)
+    gpu = copy.deepcopy(cpu).cuda()
+    gpu.deterministic = deterministic
+    n, e = 50, 400
+    x, attr, w = graph_inputs(ref, n, e, torch.float64, gen)
+    src, dst = random_graph(rng, gen, n, e)
+
+    def run(conv, device):
+        leaves = [t.to(device).requires_grad_() for t in (x, attr) + ((w,) if w is not None else ())]
+        lw = leaves[2] if w is not None else None
+        out = conv(leaves[0], leaves[1], lw, src.to(device), dst.to(device))
+        grads = torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=True)
+        return (out, *grads, *torch.autograd.grad(sum(g.pow(2).sum() for g in grads), leaves))
+
+    with pytest.warns(RuntimeWarning, match="no fused GPU kernel"):
+        first = run(gpu, "cuda")
+    for got, want in zip(first, run(cpu, "cpu"), strict=True):
+        assert rel_err(got.detach().cpu(), want.detach()) < 1e-10
+    for a, b in zip(first, run(gpu, "cuda"), strict=True):
+        assert torch.equal(a, b)

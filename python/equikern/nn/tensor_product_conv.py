@@ -7,11 +7,19 @@ unfused form ``torch.zeros(n, d).index_add_(0, dst, tp(x[src], edge_attr, w))`` 
 each output row once.
 """
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from equikern.nn.tensor_product import TensorProduct
-from equikern.ops.tensor_product_conv import conv_graph, tensor_product_conv
+from equikern.ops.tensor_product_conv import (
+    ConvGraph,
+    conv_gather,
+    conv_graph,
+    conv_segment_sum,
+    tensor_product_conv,
+)
 from equikern.so3 import spherical_harmonics
 from equikern.triton.tensor_product_conv import tensor_product_conv as triton_conv
 
@@ -33,8 +41,10 @@ class TensorProductConv(TensorProduct):
     instruction lists that are all ``uvu`` (NequIP, MACE) or all ``uvw`` (DiffDock's fully connected
     products)) the default adds messages with atomics, and ``deterministic=True``
     walks the groupings instead (no floating-point atomics: bitwise reproducible). Indices out of range
-    raise an error naming the argument. ``backend`` is as for ``TensorProduct``; CUDA tensors with
-    other instruction lists are not supported yet (an error says so).
+    raise an error naming the argument. ``backend`` is as for ``TensorProduct``. CUDA tensors with other
+    instruction lists (or ``backend="native"``) take an unfused route, with a warning: the per-edge
+    messages are computed by the CUDA tensor product and summed by destination in edge order
+    (reproducible in both modes, [edges, dim] of extra memory).
 
     ``edge_vectors=True``: ``edge_attr`` are the edge vectors [E, 3] and the module takes their spherical
     harmonics itself (``equikern.spherical_harmonics`` of the degrees of ``irreps_in2``, normalised
@@ -135,13 +145,25 @@ class TensorProductConv(TensorProduct):
                 self.deterministic, self._dim_out,
             )  # fmt: skip
         if x.is_cuda:
-            modes = sorted({i.connection_mode for i in self.instructions})
-            raise NotImplementedError(
-                "TensorProductConv: on CUDA the convolution runs on Triton kernels for instruction lists "
-                "that are all 'uvu' or all 'uvw' (backend 'auto' or 'triton'); this one has modes "
-                f"{modes} and backend "
-                f"{self.backend!r}"
-            )
+            if not torch.compiler.is_compiling():
+                modes = sorted({i.connection_mode for i in self.instructions})
+                warnings.warn(
+                    f"TensorProductConv: no fused GPU kernel for this instruction list (modes {modes}, "
+                    f"backend {self.backend!r}; the fused kernels take all-'uvu' or all-'uvw' lists with "
+                    "backend 'auto' or 'triton'): computing the per-edge messages instead ([edges, dim] "
+                    "buffers), with the CUDA tensor product and a reproducible sum by destination",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self._unfused(x, edge_attr, edge_weight, graph)
         return tensor_product_conv(
             x, edge_attr, w2, graph, self._paths, self._blocks, self._cg_ijk, cg_val, self._dim_out
         )
+
+    def _unfused(self, x: Tensor, edge_attr: Tensor, edge_weight: Tensor | None, graph: ConvGraph) -> Tensor:
+        """The convolution through per-edge messages: x gathered by source, ``TensorProduct.forward`` on the
+        edges, messages summed by destination in edge order. Every step (and its derivatives) is bitwise
+        reproducible, so this serves both modes. The GPU route for plans that no fused kernel covers."""
+        xs = conv_gather(x, graph.edge_src, graph.src_perm, graph.src_ptr)
+        messages = TensorProduct.forward(self, xs, edge_attr, edge_weight)
+        return conv_segment_sum(messages, graph.edge_dst, graph.dst_perm, graph.dst_ptr)

@@ -124,3 +124,77 @@ register_trilinear_autograd(
     lambda x, a, w, *rest: torch.ops.equikern.tensor_product_conv.default(x, a, w, *rest),
     lambda g, x, a, w, *rest: torch.ops.equikern.tensor_product_conv_backward.default(g, x, a, w, *rest),
 )
+
+
+# -- the unfused route's gather and reproducible sum ---------------------------------------------------
+# Where no fused kernel covers a plan on a GPU, ``TensorProductConv`` gathers x[src], runs the tensor product
+# on the per-edge rows and sums the messages by destination. ``index_add_`` is not reproducible on CUDA (float
+# atomics), and neither is the backward of ``index_select`` (it is an ``index_add_``), so the route uses two
+# ops that are each other's derivative: a gather whose backward is a sum over a grouping, and a sum over a
+# grouping (in edge order, one thread per output element) whose backward is a gather.
+
+
+def _check_grouping(op: str, rows: Tensor, index: Tensor, perm: Tensor, ptr: Tensor) -> None:
+    if rows.dim() != 2:
+        raise ValueError(f"{op}: rows must be 2-D [rows, columns], got shape {tuple(rows.shape)}")
+    for t, name in ((index, "index"), (perm, "perm"), (ptr, "ptr")):
+        if t.dim() != 1 or t.dtype != torch.int64 or t.device != rows.device:
+            raise ValueError(
+                f"{op}: {name} must be a 1-D int64 tensor on {rows.device}, got {t.dtype} "
+                f"{tuple(t.shape)} on {t.device}"
+            )
+    if perm.shape[0] != index.shape[0] or ptr.shape[0] < 1:
+        raise ValueError(f"{op}: perm must have one entry per index ({index.shape[0]}) and ptr at least one")
+
+
+@torch.library.custom_op("equikern::conv_segment_sum", mutates_args=())
+def conv_segment_sum(rows: Tensor, index: Tensor, perm: Tensor, ptr: Tensor) -> Tensor:
+    """out[n] = sum of rows[e] over the e with index[e] = n ([ptr.shape[0] - 1, columns]), summed in the
+    order of e: (perm, ptr) is ``conv_csr(index, ...)``. Bitwise reproducible: on a GPU a Triton kernel
+    walks each node's group in order (no atomics), on the CPU ``index_add_`` is sequential."""
+    _check_grouping("conv_segment_sum", rows, index, perm, ptr)
+    if rows.shape[0] != index.shape[0]:
+        raise ValueError(f"conv_segment_sum: rows has {rows.shape[0]} rows, index {index.shape[0]} entries")
+    if rows.is_cuda:
+        from equikern.triton.tensor_product_conv import segment_sum
+
+        return segment_sum(rows, perm, ptr)
+    return rows.new_zeros((ptr.shape[0] - 1, rows.shape[1])).index_add_(0, index, rows)
+
+
+@torch.library.custom_op("equikern::conv_gather", mutates_args=())
+def conv_gather(x: Tensor, index: Tensor, perm: Tensor, ptr: Tensor) -> Tensor:
+    """x[index] ([index.shape[0], columns]); its derivative sums by ``conv_segment_sum`` over the grouping
+    (perm, ptr) of index, so that it too is reproducible."""
+    _check_grouping("conv_gather", x, index, perm, ptr)
+    if ptr.shape[0] != x.shape[0] + 1:
+        raise ValueError(f"conv_gather: ptr must have x.shape[0] + 1 = {x.shape[0] + 1} entries")
+    return x.index_select(0, index)
+
+
+@conv_segment_sum.register_fake
+def _(rows, index, perm, ptr):
+    return rows.new_empty((ptr.shape[0] - 1, rows.shape[1]))
+
+
+@conv_gather.register_fake
+def _(x, index, perm, ptr):
+    return x.new_empty((index.shape[0], x.shape[1]))
+
+
+def _grouping_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _segment_sum_backward(ctx, grad):
+    index, perm, ptr = ctx.saved_tensors
+    return conv_gather(grad, index, perm, ptr), None, None, None
+
+
+def _gather_backward(ctx, grad):
+    index, perm, ptr = ctx.saved_tensors
+    return conv_segment_sum(grad, index, perm, ptr), None, None, None
+
+
+conv_segment_sum.register_autograd(_segment_sum_backward, setup_context=_grouping_context)
+conv_gather.register_autograd(_gather_backward, setup_context=_grouping_context)

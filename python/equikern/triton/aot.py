@@ -179,6 +179,35 @@ def compile_sh(lmax: int, dtype: torch.dtype, kind: str, arch: int = 90) -> Comp
     return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
 
 
+def compile_segment_sum(dtype: torch.dtype, arch: int = 90) -> Compiled:
+    """Compiles the unfused convolution's sum by destination (equikern.triton.tensor_product_conv)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from equikern.triton.tensor_product_conv import _SEGMENT_SUM
+
+    fn = ttp.load_kernel(_SEGMENT_SUM, "segment_sum")
+    pointers = {
+        "rows": "*" + _TRITON_DTYPE[dtype],
+        "out": "*" + _TRITON_DTYPE[dtype],
+        "perm": "*i64",
+        "ptr": "*i64",
+    }
+    constexprs = {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "BN": 16, "BD": 128}
+    sig = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in fn.arg_names}
+    c = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 4},
+    )
+    regs, spills = _ptxas(c.asm["ptx"], arch)
+    return Compiled(
+        "segment_sum", _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n")
+    )
+
+
 def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str, mode: str = "uvu") -> tuple[str, int]:
     """(plan key, dim of irreps_in2) of a problem's product: channelwise (uvu) or fully connected (uvw)."""
     import equikern
@@ -204,6 +233,9 @@ def main(argv=None) -> int:
     parser.add_argument("--irreps", help="a problem instead: 'irreps_in1;irreps_in2;irreps_out[;uvw]'")
     parser.add_argument("--cp", default="1,2,3", help="degrees L of the CP kernels to compile ('' for none)")
     parser.add_argument("--sh", default="3,6", help="lmax of the spherical-harmonics kernels ('' for none)")
+    parser.add_argument(
+        "--no-segment-sum", dest="segment_sum", action="store_false", help="skip the unfused route's kernel"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="kernels compiled at once")
     args = parser.parse_args(argv)
@@ -246,6 +278,9 @@ def main(argv=None) -> int:
         for dtype in dtypes:
             for direction in ("fwd", "bwd"):
                 jobs.append((f"cp-L{L}", compile_cp, (L, dtype, direction, args.arch)))
+    if args.segment_sum:
+        for dtype in dtypes:
+            jobs.append(("conv-unfused", compile_segment_sum, (dtype, args.arch)))
     for lmax in [int(v) for v in args.sh.split(",") if v]:
         for dtype in dtypes:
             for kind in SH_KINDS:

@@ -448,3 +448,42 @@ def _bwd(g, x, attr, w, *plan_and_flag):
 
 
 register_trilinear_autograd(_conv_op, _conv_bwd_op, _fwd, _bwd)
+
+
+# -- the unfused route's reproducible sum (equikern::conv_segment_sum on CUDA) ------------------------------
+
+_SEGMENT_SUM = """@triton.jit
+def kernel(rows, perm, ptr, out, N, E, D, DMAX, ACC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nv = n < N
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    cm = (c < D)[None, :]
+    beg = tl.load(ptr + n, mask=nv, other=0)
+    deg = tl.where(nv, tl.load(ptr + n + 1, mask=nv, other=0) - beg, 0)
+    acc = tl.zeros([BN, BD], ACC)
+    for t in range(0, DMAX):
+        pos = beg + t
+        ev = nv & (t < deg) & (pos >= 0) & (pos < E)
+        e = tl.load(perm + pos, mask=ev, other=0).to(tl.int64)
+        ev = ev & (e >= 0) & (e < E)
+        acc += tl.load(rows + e[:, None] * D + c[None, :], mask=ev[:, None] & cm, other=0.0).to(ACC)
+    om = nv[:, None] & cm
+    tl.store(out + n.to(tl.int64)[:, None] * D + c[None, :], acc.to(out.dtype.element_ty), mask=om)
+"""
+
+
+def segment_sum(rows: Tensor, perm: Tensor, ptr: Tensor) -> Tensor:
+    """out[n] = sum of rows[perm[t]] for t in [ptr[n], ptr[n + 1]), in that order, one program per tile of
+    nodes x columns (float32 sums for 16-bit rows); every index is masked to its range. The kernel behind
+    ``equikern::conv_segment_sum`` on CUDA (on the CPU under Triton's interpreter for the tests)."""
+    n, (e, d) = ptr.shape[0] - 1, rows.shape
+    out = torch.empty((n, d), dtype=rows.dtype, device=rows.device)
+    if n == 0 or d == 0:
+        return out
+    bd = min(128, 1 << max(0, d - 1).bit_length())
+    bn = 16
+    kw = dict(ACC=ttp._acc(rows.dtype), BN=bn, BD=bd, num_warps=4)
+    with _device(rows):
+        kernel = ttp.load_kernel(_SEGMENT_SUM, "segment_sum")
+        kernel[(-(-n // bn), -(-d // bd))](rows.contiguous(), perm, ptr, out, n, e, d, _max_degree(ptr), **kw)
+    return out
