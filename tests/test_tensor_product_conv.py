@@ -514,3 +514,25 @@ def test_gather_and_segment_sum_ops():
         conv_gather(x, index, perm[1:], ptr)
     with pytest.raises(ValueError, match="ptr must have x.shape"):
         conv_gather(x[1:], index, perm, ptr)
+
+
+def test_cuda_grouping_function_equals_the_cpu_op():
+    """The CUDA impl of the grouping op is plain torch: run here on CPU tensors against the C++ counting sort,
+    values and range errors."""
+    from equikern.ops.tensor_product_conv import _conv_csr_cuda
+
+    gen = torch.Generator().manual_seed(24)
+    for n, e in ((7, 50), (3, 0), (1, 5), (40, 30)):
+        index = torch.randint(0, n, (e,), generator=gen)
+        for a, b in zip(_conv_csr_cuda(index, n, "edge_dst"), conv_csr_op(index, n), strict=True):
+            assert torch.equal(a, b)
+    for bad, where in ((torch.tensor([0, 9]), r"edge_dst\[1\] = 9"), (torch.tensor([-1, 0]), r"\[0\] = -1")):
+        for f in (_conv_csr_cuda, torch.ops.equikern.tensor_product_conv_csr):
+            with pytest.raises(RuntimeError, match=where):
+                f(bad, 5, "edge_dst")
+    with pytest.raises(RuntimeError, match="1-D int64"):
+        _conv_csr_cuda(torch.tensor([0, 1], dtype=torch.int32), 5, "edge_dst")
+
+
+def conv_csr_op(index, n):
+    return torch.ops.equikern.tensor_product_conv_csr(index, n, "edge_dst")
