@@ -184,7 +184,8 @@ def time_call(
 ) -> tuple[float, float, int]:
     """Median and interquartile range (seconds) and number of timed calls, after warm-up."""
     if device.type == "cuda":
-        return _time_cuda(fn, min_time, reps)
+        with torch.cuda.device(device):  # flush buffer, events and synchronisation on that GPU
+            return _time_cuda(fn, min_time, reps)
     from torch.utils.benchmark import Timer
 
     start = time.perf_counter()

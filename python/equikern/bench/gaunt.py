@@ -99,7 +99,7 @@ def _case(row: dict, cfg: Config) -> Case:
             "C": C,
             "irreps": str(irreps),
             "paths": row["paths"],
-            "method": choose_method(L, L, L, cfg.dtype),  # what equikern's "auto" runs
+            "method": choose_method(L, L, L, cfg.dtype, cfg.device.type),  # what equikern's "auto" runs
         },
         inputs=inputs,
         impls={"equikern": equikern_impl, "e3nn_cg": e3nn_cg, "e3nn_grid": e3nn_grid, "torch_fft": torch_fft},

@@ -119,8 +119,8 @@ def _cp_bwd_op(
     Z, I, Cc = x1.shape
     J, K, R = x2.shape[1], C.shape[0], A.shape[1]
     opts = dict(dtype=x1.dtype, device=x1.device)
-    gx1 = torch.zeros_like(x1)
-    gw = torch.zeros((0,), **opts) if weight is None else torch.zeros_like(weight)
+    gx1 = torch.zeros(x1.shape, **opts)  # contiguous, as the kernel writes them (not x1's strides)
+    gw = torch.zeros((0,) if weight is None else weight.shape, **opts)
     zb = max(1, min(SAMPLES_PER_PROGRAM, Z))
     meta = _meta(x1, x2, A, C, zb, BACKWARD_CHANNELS)
     progs, nch = -(-Z // zb), -(-Cc // meta["BC"])
@@ -147,12 +147,12 @@ def _cp_bwd_op(
 def _(grad, x1, x2, A, B, C, weight, factor_grads):
     _check(x1, x2, A, B, C, weight, grad)
     return (
-        torch.empty_like(x1),
-        torch.empty_like(x2),
-        torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
-        x1.new_empty((0,)) if weight is None else torch.empty_like(weight),
+        x1.new_empty(x1.shape),
+        x2.new_empty(x2.shape),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        x1.new_empty((0,) if weight is None else weight.shape),
     )
 
 

@@ -650,14 +650,18 @@ def launch(launches: list[tuple]) -> None:
     cold = [launch for launch, key in zip(launches, keys) if key not in _LAUNCHED]
     if len(cold) > 1 and not _PARALLEL_FAILED and _compiles_async(cold[0][0]):
         import triton
+        from triton.runtime import _async_compile
 
         try:
-            with (
-                ThreadPoolExecutor(min(len(cold), os.cpu_count() or 1)) as pool,
-                triton.AsyncCompileMode(pool),
-            ):
-                for fn, grid, args, kw in cold:
-                    fn.warmup(*args, grid=grid, **kw)
+            with ThreadPoolExecutor(min(len(cold), os.cpu_count() or 1)) as pool:
+                mode = triton.AsyncCompileMode(pool)
+                try:
+                    with mode:
+                        for fn, grid, args, kw in cold:
+                            fn.warmup(*args, grid=grid, **kw)
+                finally:  # its __exit__ re-raises a failed compile before leaving the mode: leave it here
+                    if _async_compile.active_mode.get() is mode:
+                        _async_compile.active_mode.set(None)
         except Exception as err:  # noqa: BLE001  (any failure: compile as usual, and say so once)
             _PARALLEL_FAILED.append(repr(err))
             warnings.warn(

@@ -296,6 +296,8 @@ def _conv_op(
 ) -> Tensor:
     graph = (edge_src, edge_dst, dst_perm, dst_ptr, src_perm, src_ptr)
     e, n = _check(x, edge_attr, weight, graph)
+    # the kernels read the index arrays with stride 1 (e.g. edge_index[0] of a [E, 2] list is strided)
+    edge_src, edge_dst, dst_perm, dst_ptr, src_perm, src_ptr = (t.contiguous() for t in graph)
     plan = ttp._plan(key, paths, cg_ijk, cg_val)
     ttp._check_dims(plan, x, edge_attr, weight, out_dim)
     if e == 0 or n == 0 or out_dim == 0 or not plan.active(weighted_only):
@@ -352,6 +354,7 @@ def _conv_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     graph = (edge_src, edge_dst, dst_perm, dst_ptr, src_perm, src_ptr)
     e, n = _check(x, edge_attr, weight, graph, grad_out)
+    edge_src, edge_dst, dst_perm, dst_ptr, src_perm, src_ptr = (t.contiguous() for t in graph)
     plan = ttp._plan(key, paths, cg_ijk, cg_val)
     d1, d2, dw, out_dim = x.shape[1], edge_attr.shape[1], weight.shape[1], grad_out.shape[1]
     ttp._check_dims(plan, x, edge_attr, weight, out_dim)
@@ -485,5 +488,7 @@ def segment_sum(rows: Tensor, perm: Tensor, ptr: Tensor) -> Tensor:
     kw = dict(ACC=ttp._acc(rows.dtype), BN=bn, BD=bd, num_warps=4)
     with _device(rows):
         kernel = ttp.load_kernel(_SEGMENT_SUM, "segment_sum")
-        kernel[(-(-n // bn), -(-d // bd))](rows.contiguous(), perm, ptr, out, n, e, d, _max_degree(ptr), **kw)
+        grid = (-(-n // bn), -(-d // bd))
+        perm, ptr = perm.contiguous(), ptr.contiguous()
+        kernel[grid](rows.contiguous(), perm, ptr, out, n, e, d, _max_degree(ptr), **kw)
     return out

@@ -32,11 +32,12 @@ def _time(fn, device: torch.device, reps: int) -> float:
     times = []
     for _ in range(reps):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
+            with torch.cuda.device(device):  # the events on that GPU's current stream
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t = time.perf_counter()
