@@ -614,3 +614,18 @@ def test_tuner_timing_happens_on_the_requested_device(monkeypatch):
     clock = _FakeCudaClock(monkeypatch, ms=1.5)
     assert tune._time(lambda: None, torch.device("cuda", 1), reps=3) == pytest.approx(1.5)
     assert clock.seen and {index for _, index in clock.seen} == {1}, sorted(set(clock.seen))
+
+
+def test_bench_hardware_label_is_the_anchors_h100_only(monkeypatch):
+    """The published H100 figures of anchors.json (SXM) are compared only on that part."""
+    from equikern.bench import __main__ as bench
+
+    for name, want in (
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "cuda"),
+        ("NVIDIA H100 NVL", "cuda"),
+        ("NVIDIA A100-SXM4-80GB", "cuda"),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.hardware_of(torch.device("cuda")) == want
+    assert bench.hardware_of(torch.device("cpu")) == "cpu"

@@ -428,8 +428,11 @@ def device_name(device: torch.device) -> str:
 
 
 def hardware_of(device: torch.device) -> str:
+    """'h100' for the anchors' H100 SXM (whose published figures apply), 'cuda' for any other GPU (the
+    PCIe and NVL H100s included: different clocks and bandwidth), else the device type."""
     if device.type == "cuda":
-        return "h100" if "H100" in torch.cuda.get_device_name(device) else "cuda"
+        name = torch.cuda.get_device_name(device)
+        return "h100" if "H100" in name and not any(v in name for v in ("PCIe", "NVL")) else "cuda"
     return device.type
 
 
