@@ -212,6 +212,14 @@ def test_conv_on_cuda_without_fused_kernel_takes_the_unfused_route(mode, backend
     assert torch.equal(empty, torch.zeros(7, conv.irreps_out.dim, dtype=F64))
 
 
+def _fused_and_native(mode: str, deterministic: bool):
+    """A uvu or uvw convolution (Triton route) and the same one on the native op."""
+    if mode == "uvu":
+        return _uvu_conv(deterministic=deterministic), _uvu_conv(backend="native")
+    kw = dict(shared_weights=False)
+    return _conv(*UVW, deterministic=deterministic, **kw), _conv(*UVW, backend="native", **kw)
+
+
 @interpreted
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -226,11 +234,7 @@ def test_conv_on_cuda_with_fused_kernel_takes_triton(mode, deterministic, monkey
         return real(*args)
 
     monkeypatch.setattr(nconv, "triton_conv", spy)
-    if mode == "uvu":
-        conv, native = _uvu_conv(deterministic=deterministic), _uvu_conv(backend="native")
-    else:
-        conv = _conv(*UVW, shared_weights=False, deterministic=deterministic)
-        native = _conv(*UVW, shared_weights=False, backend="native")
+    conv, native = _fused_and_native(mode, deterministic)
     gen = torch.Generator().manual_seed(3)
     inputs = _conv_inputs(conv, gen, 4, 11)
     with warnings.catch_warnings():
@@ -247,11 +251,7 @@ def test_conv_on_cuda_with_fused_kernel_takes_triton(mode, deterministic, monkey
 @pytest.mark.parametrize("mode", ["uvu", "uvw"])
 def test_conv_on_cuda_with_strided_edge_indices(mode, deterministic, cpu_device_context):
     """Edge indices that are columns of an [E, 2] edge list (stride 2), CUDA route: as the native op."""
-    if mode == "uvu":
-        conv, native = _uvu_conv(deterministic=deterministic), _uvu_conv(backend="native")
-    else:
-        conv = _conv(*UVW, shared_weights=False, deterministic=deterministic)
-        native = _conv(*UVW, shared_weights=False, backend="native")
+    conv, native = _fused_and_native(mode, deterministic)
     gen = torch.Generator().manual_seed(10)
     x, attr, w, src, dst = _conv_inputs(conv, gen, 5, 13)
     edges = torch.stack([src, dst], dim=1)

@@ -93,10 +93,7 @@ def compile_kind(
 ) -> Compiled:
     """Compiles one kernel kind (one part, see Plan.parts) of a registered plan for sm_<arch> (per-sample
     weights)."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     fn = ttp.kernel(key, kind, False, dim2 if "bwd" in kind else 0, False, part)
     plan = ttp._PLANS[key]
@@ -105,11 +102,8 @@ def compile_kind(
         "BZ": ttp._block_z(plan, dtype, "bwd" if "bwd" in kind else "fwd"),
         "BU": plan.tile("bwd" if "bwd" in kind else "fwd")[0],
     }
-    src = ASTSource(fn=fn, signature=_signature(fn, kind, dtype), constexprs=constexprs)
-    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    regs, spills = _ptxas(c.asm["ptx"], arch)
     name = kind if part == 0 else f"{kind}#{part}"
-    return Compiled(name, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+    return _compile(name, fn, _signature(fn, kind, dtype), constexprs, dtype, arch)
 
 
 def num_parts(key: str, kind: str) -> int:
@@ -117,12 +111,24 @@ def num_parts(key: str, kind: str) -> int:
     return len(ttp._PLANS[key].parts("bwd" if "bwd" in kind else "fwd", False))
 
 
-def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Compiled:
-    """Compiles the CP bilinear kernel (equikern.triton.cp) for the anchors' shapes: d = (L+1)^2, R = 7 L^2,
-    128 channels, with a weight and (backward) factor gradients."""
+def _compile(name: str, fn, sig: dict, constexprs: dict, dtype: torch.dtype, arch: int, warps: int = 4):
+    """Compiles one Triton function for sm_<arch> and reads its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    c = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps},
+    )
+    regs, spills = _ptxas(c.asm["ptx"], arch)
+    return Compiled(name, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+
+
+def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Compiled:
+    """Compiles the CP bilinear kernel (equikern.triton.cp) for the anchors' shapes: d = (L+1)^2, R = 7 L^2,
+    128 channels, with a weight and (backward) factor gradients."""
 
     from equikern.triton import _cp_kernels
     from equikern.triton import cp as tcp
@@ -142,15 +148,7 @@ def compile_cp(L: int, dtype: torch.dtype, direction: str, arch: int = 90) -> Co
         if sig[n] == "i32" and n not in ("Z", "I", "J", "K", "R", "Cc", "s2"):
             sig[n] = "*" + _TRITON_DTYPE[dtype]
     constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
-    c = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": 4},
-    )
-    regs, spills = _ptxas(c.asm["ptx"], arch)
-    return Compiled(
-        f"cp_{direction}", _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n")
-    )
+    return _compile(f"cp_{direction}", fn, sig, constexprs, dtype, arch)
 
 
 SH_KINDS = {"sh_fwd": (0, True, False), "sh_bwd": (0, False, True), "sh_jet1": (1, True, True)}
@@ -159,9 +157,6 @@ SH_KINDS = {"sh_fwd": (0, True, False), "sh_bwd": (0, False, True), "sh_jet1": (
 def compile_sh(lmax: int, dtype: torch.dtype, kind: str, arch: int = 90) -> Compiled:
     """Compiles a spherical-harmonics kernel (equikern.triton.spherical_harmonics) for degrees 0..lmax
     (normalised vectors, component normalisation): forward, backward, or the first derivative jet."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from equikern.triton import spherical_harmonics as tsh
 
@@ -170,21 +165,12 @@ def compile_sh(lmax: int, dtype: torch.dtype, kind: str, arch: int = 90) -> Comp
         n: "constexpr" if n == "BLOCK" else ("i32" if n == "n_rows" else "*" + _TRITON_DTYPE[dtype])
         for n in fn.arg_names
     }
-    c = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block}),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": warps},
-    )
-    regs, spills = _ptxas(c.asm["ptx"], arch)
-    return Compiled(kind, _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n"))
+    return _compile(kind, fn, sig, {"BLOCK": block}, dtype, arch, warps)
 
 
 def compile_segment_sum(dtype: torch.dtype, arch: int = 90) -> Compiled:
     """Compiles the unfused convolution's sum by destination (equikern.triton.tensor_product_conv)."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from equikern.triton.tensor_product_conv import _SEGMENT_SUM
 
@@ -197,15 +183,7 @@ def compile_segment_sum(dtype: torch.dtype, arch: int = 90) -> Compiled:
     }
     constexprs = {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "BN": 16, "BD": 128}
     sig = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in fn.arg_names}
-    c = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": 4},
-    )
-    regs, spills = _ptxas(c.asm["ptx"], arch)
-    return Compiled(
-        "segment_sum", _TRITON_DTYPE[dtype], regs, spills, c.metadata.shared, c.asm["ptx"].count("\n")
-    )
+    return _compile("segment_sum", fn, sig, constexprs, dtype, arch)
 
 
 def problem_key(irreps_in1: str, irreps_in2: str, irreps_out: str, mode: str = "uvu") -> tuple[str, int]:
